@@ -1,0 +1,1 @@
+"""DICOM pixel decoding, image selection and the thesis's preprocessing."""

@@ -1,0 +1,152 @@
+"""DICOM pixel decoding: any single-frame grayscale image a real sender produces, bone bright.
+
+pydicom does the parsing and, through the pylibjpeg plugins, every compressed transfer syntax
+(JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE); deflate and big endian are pydicom's
+own. This module only decides what is acceptable and turns stored values into modality values.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+
+log = logging.getLogger(__name__)
+
+MIN_DIMENSION = 64
+MAX_DIMENSION = 8192
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+class RejectReason(StrEnum):
+    """Why an image cannot be analysed at all (as opposed to skipped by policy)."""
+
+    NOT_DICOM = "not_dicom"
+    NO_PIXEL_DATA = "no_pixel_data"
+    MULTI_FRAME = "multi_frame"
+    COLOUR = "colour"
+    BAD_DIMENSIONS = "bad_dimensions"
+    UNDECODABLE = "undecodable"
+
+
+class ImageRejected(Exception):
+    """A DICOM object whose pixels this node cannot use; `reason` is machine-readable."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.message}"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels in modality units with bone bright (MONOCHROME1 already inverted), plus the header."""
+
+    pixels: np.ndarray  # float32, shape (rows, columns)
+    dataset: Dataset  # header without pixel data
+    photometric: str
+    transfer_syntax: str
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.get("SOPInstanceUID", ""))
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.dataset.get("StudyInstanceUID", ""))
+
+
+def read_dataset(source: str | Path | BinaryIO) -> Dataset:
+    """Parse a DICOM file (Part 10, or a bare dataset as some senders write) or refuse it."""
+    try:
+        return pydicom.dcmread(source)
+    except InvalidDicomError:
+        pass
+    except Exception as exc:  # pydicom raises many types on truncated or corrupt input
+        raise ImageRejected(RejectReason.NOT_DICOM, f"cannot parse DICOM: {exc}") from exc
+    if hasattr(source, "seek"):
+        source.seek(0)  # type: ignore[union-attr]
+    try:
+        ds = pydicom.dcmread(source, force=True)
+        # A forced read of arbitrary bytes "succeeds" with junk; real data has these.
+        if "SOPClassUID" not in ds and "PixelData" not in ds:
+            raise ValueError("no SOP Class UID and no Pixel Data")
+        return ds
+    except Exception as exc:
+        raise ImageRejected(RejectReason.NOT_DICOM, f"not a DICOM file ({exc})") from exc
+
+
+def check_pixel_module(ds: Dataset) -> None:
+    """Refuse, before decoding, what the pixel module says this node cannot analyse."""
+    if "PixelData" not in ds:
+        kind = "float pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else (
+            "no pixel data"
+        )
+        raise ImageRejected(RejectReason.NO_PIXEL_DATA, f"object has {kind} (not an image)")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageRejected(
+            RejectReason.MULTI_FRAME, f"multi-frame image ({frames} frames); only single frames"
+        )
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if samples != 1 or photometric not in GRAYSCALE:
+        raise ImageRejected(
+            RejectReason.COLOUR,
+            f"colour or non-grayscale image (Photometric Interpretation {photometric or 'missing'},"
+            f" Samples per Pixel {samples}); only MONOCHROME1/MONOCHROME2",
+        )
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if not (MIN_DIMENSION <= rows <= MAX_DIMENSION and MIN_DIMENSION <= cols <= MAX_DIMENSION):
+        raise ImageRejected(
+            RejectReason.BAD_DIMENSIONS,
+            f"image is {rows}x{cols} pixels; each side must be {MIN_DIMENSION}..{MAX_DIMENSION}",
+        )
+
+
+def decode_pixels(ds: Dataset) -> DecodedImage:
+    """Decode a parsed dataset's pixels to modality values with bone bright."""
+    check_pixel_module(ds)
+    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(
+        ds, "file_meta"
+    ) else ""
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:
+        tsname = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        label = tsname.name if tsname is not None else "unknown transfer syntax"
+        raise ImageRejected(
+            RejectReason.UNDECODABLE, f"pixel data could not be decoded ({label}): {exc}"
+        ) from exc
+    if stored.ndim != 2:
+        raise ImageRejected(
+            RejectReason.UNDECODABLE, f"decoded pixel array has shape {stored.shape}, expected 2-D"
+        )
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ImageRejected(RejectReason.UNDECODABLE, "pixel values are not finite after rescale")
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1 shows low values bright; mirror within the image's own range.
+        values = values.max() + values.min() - values
+    header = ds.copy()
+    del header.PixelData
+    return DecodedImage(
+        pixels=values, dataset=header, photometric=photometric, transfer_syntax=transfer_syntax
+    )
+
+
+def load_image(source: str | Path | BinaryIO) -> DecodedImage:
+    """Read and decode one DICOM file; raises ImageRejected with a reason a PACS admin understands."""
+    return decode_pixels(read_dataset(source))

@@ -1,0 +1,123 @@
+"""The one preprocessing function of the thesis (section 3.2), shared by training and inference.
+
+Steps, in order: window at the lower/upper percentiles, min-max to 0..255, zero-pad to a square
+(aspect ratio kept, image centred), CLAHE, resize to size x size. Every parameter lives in a
+frozen `PreprocessSpec` that bundles record; the node only ever uses the bundle's spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import cv2
+import numpy as np
+
+_INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """All preprocessing parameters; validated at construction."""
+
+    size: int = 1024
+    lower_percentile: float = 0.5
+    upper_percentile: float = 99.5
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    interpolation: str = "area"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or not 32 <= self.size <= 4096:
+            raise ValueError(f"PreprocessSpec.size must be an integer in 32..4096, got {self.size!r}")
+        lo, hi = self.lower_percentile, self.upper_percentile
+        if not (0.0 <= float(lo) < float(hi) <= 100.0):
+            raise ValueError(
+                "PreprocessSpec.lower_percentile/upper_percentile must satisfy "
+                f"0 <= lower < upper <= 100, got {lo!r}/{hi!r}"
+            )
+        if not float(self.clahe_clip_limit) > 0:
+            raise ValueError(
+                f"PreprocessSpec.clahe_clip_limit must be positive, got {self.clahe_clip_limit!r}"
+            )
+        if not isinstance(self.clahe_tile_grid, int) or not 1 <= self.clahe_tile_grid <= 64:
+            raise ValueError(
+                f"PreprocessSpec.clahe_tile_grid must be an integer in 1..64, got "
+                f"{self.clahe_tile_grid!r}"
+            )
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"PreprocessSpec.interpolation must be one of {sorted(_INTERPOLATIONS)}, got "
+                f"{self.interpolation!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        if not isinstance(data, dict):
+            raise ValueError("preprocessing spec must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"preprocessing spec has unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @property
+    def cache_key(self) -> str:
+        """Stable short hash of the parameters, for caches of preprocessed images."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def window_to_uint8(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Clip at the spec's percentiles and scale min-max to 0..255 (uint8)."""
+    values = np.asarray(pixels, dtype=np.float64)
+    lo, hi = np.percentile(values, [spec.lower_percentile, spec.upper_percentile])
+    if hi <= lo:  # a flat image: nothing to window
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (np.clip(values, lo, hi) - lo) / (hi - lo) * 255.0
+    return np.rint(scaled).astype(np.uint8)
+
+
+def square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding that centres an image in a square."""
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return top, side - height - top, left, side - width - left
+
+
+def pad_to_square(image: np.ndarray) -> np.ndarray:
+    top, bottom, left, right = square_padding(*image.shape[:2])
+    return np.pad(image, ((top, bottom), (left, right)), mode="constant", constant_values=0)
+
+
+def preprocess_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Decoded pixels (bone bright, any dtype, 2-D) -> uint8 array of shape (size, size)."""
+    if pixels.ndim != 2:
+        raise ValueError(f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}")
+    windowed = pad_to_square(window_to_uint8(pixels, spec))
+    clahe = cv2.createCLAHE(
+        clipLimit=float(spec.clahe_clip_limit),
+        tileGridSize=(spec.clahe_tile_grid, spec.clahe_tile_grid),
+    )
+    equalised = clahe.apply(windowed)
+    if equalised.shape[0] == spec.size:
+        return equalised
+    interpolation = _INTERPOLATIONS[spec.interpolation]
+    if equalised.shape[0] < spec.size and spec.interpolation == "area":
+        interpolation = cv2.INTER_LINEAR  # INTER_AREA is meant for shrinking
+    return cv2.resize(equalised, (spec.size, spec.size), interpolation=interpolation)
+
+
+def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A lesion mask of the source image's shape, padded and resized exactly like the image."""
+    if mask.ndim != 2:
+        raise ValueError(f"preprocess_mask expects a 2-D mask, got shape {mask.shape}")
+    square = pad_to_square((np.asarray(mask) > 0).astype(np.uint8))
+    if square.shape[0] == spec.size:
+        return square
+    return cv2.resize(square, (spec.size, spec.size), interpolation=cv2.INTER_NEAREST)

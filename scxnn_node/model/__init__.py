@@ -1,0 +1,1 @@
+"""Member network, ensemble engine, second stage, bundles and results."""

@@ -1,0 +1,1 @@
+"""Training: synthetic data, member training, second stage, bundle export."""
