@@ -9,8 +9,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from scxnn_node.config import ConfigError, NodeConfig, load_config
 from scxnn_node.imaging.decode import ImageRejected
-from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, SelectionPolicy
+from scxnn_node.imaging.selection import SelectionPolicy
 from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE, BundleError, load_bundle, verify_bundle
 from scxnn_node.model.engine import PRECISIONS, EngineOptions, InferenceEngine
 from scxnn_node.model.result import StudyResult
@@ -26,14 +27,18 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="triage DICOM files (grouped by study) with a bundle")
     infer.add_argument("paths", nargs="+", type=Path, help="DICOM files or directories")
-    infer.add_argument("--bundle", required=True, type=Path)
+    infer.add_argument("--config", type=Path, help="config.yaml (model and filters sections)")
+    infer.add_argument("--bundle", type=Path, help="bundle directory (overrides the config)")
     infer.add_argument("--json", action="store_true", help="print the results as JSON")
-    infer.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    infer.add_argument("--device", help="cpu or cuda:N (default: the config's first device)")
     infer.add_argument("--batch-size", type=int, default=None)
-    infer.add_argument("--precision", choices=PRECISIONS, default="auto")
+    infer.add_argument("--precision", choices=PRECISIONS, default=None)
     infer.add_argument("--compile", action="store_true", help="torch.compile the members")
     infer.add_argument(
-        "--body-part", action="append", dest="body_parts", metavar="PART",
+        "--body-part",
+        action="append",
+        dest="body_parts",
+        metavar="PART",
         help="allowed Body Part Examined (repeatable; default CHEST and empty)",
     )
 
@@ -78,13 +83,16 @@ def _format_result(result: StudyResult) -> str:
 
 def _infer(args: argparse.Namespace) -> int:
     try:
-        bundle = load_bundle(args.bundle)
+        config = load_config(args.config) if args.config else NodeConfig()
+    except ConfigError as exc:
+        print(f"scxnn-node: {exc}", file=sys.stderr)
+        return 2
+    try:
+        bundle = load_bundle(args.bundle or config.model.bundle)
     except BundleError as exc:
         print(f"scxnn-node: bundle refused: {exc}", file=sys.stderr)
         return 2
-    policy = SelectionPolicy(frozenset(args.body_parts)) if args.body_parts else SelectionPolicy(
-        DEFAULT_BODY_PARTS
-    )
+    policy = SelectionPolicy.from_body_parts(args.body_parts or config.filters.body_parts)
     spec = bundle.manifest.preprocessing
     studies: dict[str, list[PreparedInstance]] = defaultdict(list)
     failed = 0
@@ -105,8 +113,10 @@ def _infer(args: argparse.Namespace) -> int:
         engine = InferenceEngine(
             bundle,
             EngineOptions(
-                device=args.device, batch_size=args.batch_size, precision=args.precision,
-                compile=args.compile,
+                device=args.device or config.model.devices[0],
+                batch_size=args.batch_size or config.model.batch_size,
+                precision=args.precision or config.model.precision,
+                compile=args.compile or config.model.compile,
             ),
         )
         results = [triage_study(engine, uid, items) for uid, items in studies.items()]
@@ -125,15 +135,20 @@ def _bundle(args: argparse.Namespace) -> int:
         print(f"bundle {args.dir} is NOT intact: {exc}", file=sys.stderr)
         return 1
     if args.bundle_command == "verify":
-        print(f"bundle {args.dir} is intact: {manifest.name} {manifest.version}, "
-              f"{len(manifest.files)} files verified")
+        print(
+            f"bundle {args.dir} is intact: {manifest.name} {manifest.version}, "
+            f"{len(manifest.files)} files verified"
+        )
         return 0
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2))
         return 0
     op = manifest.operating_point
     print(f"name:          {manifest.name}")
-    print(f"version:       {manifest.version}" + (f"  ({NOT_FOR_CLINICAL_USE}: demo)" if manifest.demo else ""))
+    print(
+        f"version:       {manifest.version}"
+        + (f"  ({NOT_FOR_CLINICAL_USE}: demo)" if manifest.demo else "")
+    )
     print(f"created:       {manifest.created}")
     print(f"architecture:  {manifest.architecture}, input {manifest.preprocessing.size} px")
     print(f"intended use:  {manifest.intended_use}")

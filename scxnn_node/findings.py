@@ -54,7 +54,11 @@ class Finding:
     code: FindingCode
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or not self.name.replace("_", "").isalnum():
+        if (
+            not isinstance(self.name, str)
+            or not self.name
+            or not self.name.replace("_", "").isalnum()
+        ):
             raise ValueError(
                 f"Finding.name must be a non-empty identifier of letters, digits and '_', "
                 f"got {self.name!r}"
@@ -71,7 +75,11 @@ class Finding:
         return {
             "name": self.name,
             "tier": self.tier.value,
-            "code": {"value": self.code.value, "scheme": self.code.scheme, "meaning": self.code.meaning},
+            "code": {
+                "value": self.code.value,
+                "scheme": self.code.scheme,
+                "meaning": self.code.meaning,
+            },
         }
 
     @classmethod
@@ -91,7 +99,9 @@ class Finding:
         return cls(
             name=data.get("name", ""),
             tier=tier,
-            code=FindingCode(code.get("value", ""), code.get("scheme", ""), code.get("meaning", "")),
+            code=FindingCode(
+                code.get("value", ""), code.get("scheme", ""), code.get("meaning", "")
+            ),
         )
 
 

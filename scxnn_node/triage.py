@@ -61,8 +61,10 @@ def triage_study(
     analysed = [i for i in instances if i.analysed]
     if not analysed:
         reasons = sorted({i.skip_reason or "no image" for i in instances})
-        reason = "no usable frontal chest image: " + "; ".join(reasons) if reasons else (
-            "no usable frontal chest image"
+        reason = (
+            "no usable frontal chest image: " + "; ".join(reasons)
+            if reasons
+            else ("no usable frontal chest image")
         )
         return engine.not_analysed_result(study_instance_uid, reason)
     notes = []
@@ -70,6 +72,4 @@ def triage_study(
     if unknown_views:
         notes.append(f"view position unknown on {unknown_views} image(s); analysed as frontal")
     images = np.stack([i.image for i in analysed])  # type: ignore[misc]
-    return engine.triage(
-        study_instance_uid, images, [i.sop_instance_uid for i in analysed], notes
-    )
+    return engine.triage(study_instance_uid, images, [i.sop_instance_uid for i in analysed], notes)

@@ -26,11 +26,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
     if args.command == "demo-bundle":
         settings = DemoSettings(
-            size=args.size, train_count=args.train_count, val_count=args.val_count,
-            epochs=args.epochs, seed=args.seed,
+            size=args.size,
+            train_count=args.train_count,
+            val_count=args.val_count,
+            epochs=args.epochs,
+            seed=args.seed,
         )
         try:
             manifest = build_demo_bundle(args.out, settings)

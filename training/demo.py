@@ -69,7 +69,9 @@ def build_demo_bundle(out_dir: str | Path, settings: DemoSettings | None = None)
     # Source images a little larger than the network input so that resizing is exercised.
     source_size = settings.size * 2
     cases = synthesise_cases(
-        settings.train_count + settings.val_count, source_size, seed=settings.seed,
+        settings.train_count + settings.val_count,
+        source_size,
+        seed=settings.seed,
         findings=catalogue.names,
     )
     images, labels, masks = prepare_cases(cases, spec, catalogue)
@@ -90,8 +92,11 @@ def build_demo_bundle(out_dir: str | Path, settings: DemoSettings | None = None)
     scores = stage.decision_function(val_logits.reshape(len(val_logits), -1))
     operating_point = choose_operating_point(scores, abnormal, settings.target_sensitivity)
     data_description = {
-        "generator": "training.synthetic", "seed": settings.seed, "source_size": source_size,
-        "train_count": settings.train_count, "val_count": settings.val_count,
+        "generator": "training.synthetic",
+        "seed": settings.seed,
+        "source_size": source_size,
+        "train_count": settings.train_count,
+        "val_count": settings.val_count,
     }
     manifest = Manifest(
         name=settings.name,
@@ -104,9 +109,8 @@ def build_demo_bundle(out_dir: str | Path, settings: DemoSettings | None = None)
         architecture=settings.architecture,
         operating_point=operating_point,
         training_data=TrainingData(
-            description="synthetic chest-like images with lesion masks " + json.dumps(
-                data_description, sort_keys=True
-            ),
+            description="synthetic chest-like images with lesion masks "
+            + json.dumps(data_description, sort_keys=True),
             manifest_sha256=hashlib.sha256(
                 json.dumps(data_description, sort_keys=True).encode()
             ).hexdigest(),

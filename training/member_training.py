@@ -110,7 +110,9 @@ def train_member(
     recon = reconstruction_targets(images, own_masks, settings.mask_dilation_px)
     weights = class_weights_for(classes).to(device)
     model = MemberNet(settings.architecture, with_decoder=True).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=0.5, patience=settings.plateau_patience
     )
@@ -126,13 +128,17 @@ def train_member(
             x = x_all[idx].to(device).float() / 255.0
             logits, reconstruction = model.forward_multitask(x)
             loss = multitask_loss(
-                logits, y_all[idx].to(device), reconstruction, r_all[idx].to(device), weights,
+                logits,
+                y_all[idx].to(device),
+                reconstruction,
+                r_all[idx].to(device),
+                weights,
                 settings.recon_weight,
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         mean_loss = total / len(order)
         scheduler.step(mean_loss)
         log.debug("member %d epoch %d loss %.4f", member_index, epoch, mean_loss)

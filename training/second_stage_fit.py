@@ -52,8 +52,8 @@ def choose_operating_point(
         target_sensitivity=float(target_sensitivity),
         threshold=threshold,
         validation={
-            "n_abnormal": int(len(positives)),
-            "n_normal": int(len(negatives)),
+            "n_abnormal": len(positives),
+            "n_normal": len(negatives),
             "sensitivity": sensitivity,
             "specificity": specificity,
         },

@@ -32,13 +32,15 @@ class _Anatomy:
     heart: tuple[int, int, int, int]
 
 
-def _ellipse(canvas: np.ndarray, box: tuple[int, int, int, int], value: float, angle: float = 0) -> None:
+def _ellipse(
+    canvas: np.ndarray, box: tuple[int, int, int, int], value: float, angle: float = 0
+) -> None:
     cx, cy, ax, ay = box
     cv2.ellipse(canvas, (cx, cy), (max(ax, 1), max(ay, 1)), angle, 0, 360, value, -1)
 
 
 def _anatomy(rng: np.random.Generator, s: int) -> _Anatomy:
-    j = lambda f: int(round(s * (f + rng.uniform(-0.015, 0.015))))  # noqa: E731
+    j = lambda f: round(s * (f + rng.uniform(-0.015, 0.015)))  # noqa: E731
     return _Anatomy(
         size=s,
         right_lung=(j(0.32), j(0.45), j(0.14), j(0.27)),  # image left = patient right
@@ -57,8 +59,9 @@ def _base_image(rng: np.random.Generator, a: _Anatomy) -> np.ndarray:
     ribs = np.zeros_like(img)
     for k in range(7):
         y = int(s * (0.22 + 0.075 * k))
-        cv2.ellipse(ribs, (s // 2, y), (int(s * 0.33), int(s * 0.05)), 0, 200, 340, 0.12,
-                    max(1, s // 90))
+        cv2.ellipse(
+            ribs, (s // 2, y), (int(s * 0.33), int(s * 0.05)), 0, 200, 340, 0.12, max(1, s // 90)
+        )
     lungs_mask = np.zeros_like(img)
     for lung in (a.left_lung, a.right_lung):
         _ellipse(lungs_mask, lung, 1.0)
@@ -87,7 +90,7 @@ def _blob(img: np.ndarray, box: tuple[int, int, int, int], value: float, blur: f
     return (mask > 0).astype(np.uint8)
 
 
-def _pneumothorax(rng, img, a):
+def _pneumothorax(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     mask = np.zeros(img.shape, np.float32)
     cv2.ellipse(mask, (cx, cy - ay // 2), (ax, ay // 2), 0, 180, 360, 1.0, -1)
@@ -95,7 +98,7 @@ def _pneumothorax(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _pneumoperitoneum(rng, img, a):
+def _pneumoperitoneum(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = a.right_lung
     box = (cx, cy + ay + max(2, a.size // 40), ax, max(2, a.size // 30))
     mask = np.zeros(img.shape, np.float32)
@@ -104,12 +107,12 @@ def _pneumoperitoneum(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _mediastinal_widening(rng, img, a):
+def _mediastinal_widening(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     s = a.size
     return _blob(img, (s // 2, int(s * 0.3), int(s * 0.09), int(s * 0.14)), 0.45, 0)
 
 
-def _pleural_effusion(rng, img, a):
+def _pleural_effusion(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     mask = np.zeros(img.shape, np.float32)
     top = cy + ay // 3
@@ -121,7 +124,7 @@ def _pleural_effusion(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _nodule(rng, img, a):
+def _nodule(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     r = max(2, a.size // 40)
     x = int(cx + rng.uniform(-0.5, 0.5) * ax)
@@ -129,13 +132,13 @@ def _nodule(rng, img, a):
     return _blob(img, (x, y, r, r), 0.5, 0)
 
 
-def _consolidation(rng, img, a):
+def _consolidation(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     y = int(cy + rng.uniform(0.0, 0.4) * ay)
     return _blob(img, (cx, y, int(ax * 0.6), int(ay * 0.35)), 0.32, a.size / 60)
 
 
-def _active_tuberculosis(rng, img, a):
+def _active_tuberculosis(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     mask = np.zeros(img.shape, np.uint8)
     for _ in range(6):
@@ -146,7 +149,7 @@ def _active_tuberculosis(rng, img, a):
     return cv2.dilate(mask, np.ones((3, 3), np.uint8), iterations=max(1, a.size // 64))
 
 
-def _advanced_tuberculosis(rng, img, a):
+def _advanced_tuberculosis(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     box = (cx, cy - int(ay * 0.55), int(ax * 0.6), int(ay * 0.3))
     mask = _blob(img, box, 0.4, 0)
@@ -155,17 +158,22 @@ def _advanced_tuberculosis(rng, img, a):
     return mask
 
 
-def _atelectasis(rng, img, a):
+def _atelectasis(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     mask = np.zeros(img.shape, np.float32)
     y = cy + ay // 2
-    cv2.line(mask, (cx - int(ax * 0.7), y - ay // 8), (cx + int(ax * 0.7), y + ay // 8), 1.0,
-             max(1, a.size // 45))
+    cv2.line(
+        mask,
+        (cx - int(ax * 0.7), y - ay // 8),
+        (cx + int(ax * 0.7), y + ay // 8),
+        1.0,
+        max(1, a.size // 45),
+    )
     img += 0.35 * mask
     return (mask > 0).astype(np.uint8)
 
 
-def _support_device(rng, img, a):
+def _support_device(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     s = a.size
     mask = np.zeros(img.shape, np.float32)
     x = int(s * (0.5 + rng.uniform(-0.03, 0.03)))
@@ -175,7 +183,7 @@ def _support_device(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _pleural_calcification(rng, img, a):
+def _pleural_calcification(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = _lung(rng, a)
     mask = np.zeros(img.shape, np.float32)
     for k in range(3):
@@ -186,7 +194,7 @@ def _pleural_calcification(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _interstitial_opacity(rng, img, a):
+def _interstitial_opacity(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     mask = np.zeros(img.shape, np.float32)
     lungs = np.zeros(img.shape, np.float32)
     for lung in (a.left_lung, a.right_lung):
@@ -201,7 +209,7 @@ def _interstitial_opacity(rng, img, a):
     return (mask > 0).astype(np.uint8)
 
 
-def _cardiomegaly(rng, img, a):
+def _cardiomegaly(rng: np.random.Generator, img: np.ndarray, a: _Anatomy) -> np.ndarray:
     cx, cy, ax, ay = a.heart
     box = (cx - ax // 4, cy, int(ax * 1.7), int(ay * 1.5))
     mask = np.zeros(img.shape, np.float32)

@@ -90,8 +90,10 @@ def read_dataset(source: str | Path | BinaryIO) -> Dataset:
 def check_pixel_module(ds: Dataset) -> None:
     """Refuse, before decoding, what the pixel module says this node cannot analyse."""
     if "PixelData" not in ds:
-        kind = "float pixel data" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else (
-            "no pixel data"
+        kind = (
+            "float pixel data"
+            if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds)
+            else ("no pixel data")
         )
         raise ImageRejected(RejectReason.NO_PIXEL_DATA, f"object has {kind} (not an image)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -118,9 +120,9 @@ def check_pixel_module(ds: Dataset) -> None:
 def decode_pixels(ds: Dataset) -> DecodedImage:
     """Decode a parsed dataset's pixels to modality values with bone bright."""
     check_pixel_module(ds)
-    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(
-        ds, "file_meta"
-    ) else ""
+    transfer_syntax = (
+        str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    )
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -148,5 +150,5 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
 
 
 def load_image(source: str | Path | BinaryIO) -> DecodedImage:
-    """Read and decode one DICOM file; raises ImageRejected with a reason a PACS admin understands."""
+    """Read and decode one DICOM file; ImageRejected carries a reason a PACS admin understands."""
     return decode_pixels(read_dataset(source))

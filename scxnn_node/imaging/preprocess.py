@@ -31,7 +31,9 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or not 32 <= self.size <= 4096:
-            raise ValueError(f"PreprocessSpec.size must be an integer in 32..4096, got {self.size!r}")
+            raise ValueError(
+                f"PreprocessSpec.size must be an integer in 32..4096, got {self.size!r}"
+            )
         lo, hi = self.lower_percentile, self.upper_percentile
         if not (0.0 <= float(lo) < float(hi) <= 100.0):
             raise ValueError(
@@ -63,7 +65,9 @@ class PreprocessSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"preprocessing spec has unknown keys {unknown}; known: {sorted(known)}")
+            raise ValueError(
+                f"preprocessing spec has unknown keys {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
     @property
@@ -98,7 +102,9 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
 def preprocess_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Decoded pixels (bone bright, any dtype, 2-D) -> uint8 array of shape (size, size)."""
     if pixels.ndim != 2:
-        raise ValueError(f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}")
+        raise ValueError(
+            f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}"
+        )
     windowed = pad_to_square(window_to_uint8(pixels, spec))
     clahe = cv2.createCLAHE(
         clipLimit=float(spec.clahe_clip_limit),

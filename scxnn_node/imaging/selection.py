@@ -77,7 +77,9 @@ def assess_eligibility(ds: Dataset, policy: SelectionPolicy | None = None) -> El
             False, view, reason=f"body part {body_part!r} is not in the allow-list ({allowed})"
         )
     if view is View.LATERAL:
-        return Eligibility(False, view, reason="lateral view; only frontal (PA/AP) views are analysed")
+        return Eligibility(
+            False, view, reason="lateral view; only frontal (PA/AP) views are analysed"
+        )
     if view is View.UNKNOWN:
         return Eligibility(True, view, flags=("view_unknown",))
     return Eligibility(True, view)

@@ -68,7 +68,8 @@ class OperatingPoint:
     def __post_init__(self) -> None:
         if not 0.0 < float(self.target_sensitivity) <= 1.0:
             raise BundleError(
-                f"operating_point.target_sensitivity must be in (0, 1], got {self.target_sensitivity!r}"
+                "operating_point.target_sensitivity must be in (0, 1], got "
+                f"{self.target_sensitivity!r}"
             )
         if not isinstance(self.threshold, int | float) or self.threshold != self.threshold:
             raise BundleError(f"operating_point.threshold must be a number, got {self.threshold!r}")
@@ -160,8 +161,17 @@ class Manifest:
                 f"manifest.format_version is {version!r}; this node reads format {FORMAT_VERSION}"
             )
         required = (
-            "name", "version", "created", "demo", "intended_use", "findings", "preprocessing",
-            "architecture", "operating_point", "training_data", "files",
+            "name",
+            "version",
+            "created",
+            "demo",
+            "intended_use",
+            "findings",
+            "preprocessing",
+            "architecture",
+            "operating_point",
+            "training_data",
+            "files",
         )
         missing = [k for k in required if k not in data]
         if missing:
@@ -227,10 +237,14 @@ def write_bundle(
     """Write a new bundle directory; bundles are immutable, so an existing one is refused."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise BundleError(f"{out} already exists and is not empty; a new version needs a new directory")
+        raise BundleError(
+            f"{out} already exists and is not empty; a new version needs a new directory"
+        )
     names = manifest.findings.names
     if sorted(member_states) != sorted(names):
-        raise BundleError(f"member weights given for {sorted(member_states)}, manifest lists {names}")
+        raise BundleError(
+            f"member weights given for {sorted(member_states)}, manifest lists {names}"
+        )
     expected_features = 3 * len(names)
     if second_stage.n_features != expected_features:
         raise BundleError(

@@ -46,7 +46,9 @@ class EngineOptions:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("EngineOptions.batch_size must be at least 1")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"EngineOptions.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise ValueError(
+                f"EngineOptions.device must be 'cpu' or 'cuda[:N]', got {self.device!r}"
+            )
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -87,8 +89,12 @@ class InferenceEngine:
         self.members = [self._build_member(name) for name in self.manifest.findings.names]
         log.info(
             "engine ready: bundle %s %s, %d members, %s, batch %d, precision %s",
-            self.manifest.name, self.manifest.version, len(self.members), self.device,
-            self.batch_size, self.autocast_dtype or "fp32",
+            self.manifest.name,
+            self.manifest.version,
+            len(self.members),
+            self.device,
+            self.batch_size,
+            self.autocast_dtype or "fp32",
         )
 
     def _autocast_dtype(self) -> torch.dtype | None:

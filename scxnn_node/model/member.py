@@ -104,7 +104,9 @@ class _UpBlock(nn.Module):
             nn.ReLU(inplace=True),
         )
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None, size: tuple[int, int]
+    ) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
@@ -112,7 +114,7 @@ class _UpBlock(nn.Module):
 
 
 class ReconstructionDecoder(nn.Module):
-    """U-Net-style decoder: upsample, concatenate the dense block's skip, convolve; 1-channel out."""
+    """U-Net-style decoder: upsample, concatenate a dense block's skip, convolve; 1 channel out."""
 
     def __init__(self, skip_channels: tuple[int, ...], widths: tuple[int, ...]) -> None:
         super().__init__()
@@ -207,8 +209,14 @@ def load_imagenet_encoder(member: MemberNet, path: str | Path) -> None:
         if not key.startswith("features."):
             continue
         # Older torchvision files spell 'norm1' as 'norm.1' (and so on).
-        for old, new in ((".norm.1", ".norm1"), (".relu.1", ".relu1"), (".conv.1", ".conv1"),
-                         (".norm.2", ".norm2"), (".relu.2", ".relu2"), (".conv.2", ".conv2")):
+        for old, new in (
+            (".norm.1", ".norm1"),
+            (".relu.1", ".relu1"),
+            (".conv.1", ".conv1"),
+            (".norm.2", ".norm2"),
+            (".relu.2", ".relu2"),
+            (".conv.2", ".conv2"),
+        ):
             key = key.replace(old, new)
         if key == "features.conv0.weight" and value.shape[1] == 3:
             value = value.sum(dim=1, keepdim=True)

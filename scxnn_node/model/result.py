@@ -94,7 +94,9 @@ class StudyResult:
                 raise ValueError("StudyResult.findings is required for an analysed study")
         allowed_tiers = {t.value for t in RiskTier} | {UNSPECIFIED_TIER}
         if self.risk_tier is not None and self.risk_tier not in allowed_tiers:
-            raise ValueError(f"StudyResult.risk_tier must be one of {sorted(allowed_tiers)} or None")
+            raise ValueError(
+                f"StudyResult.risk_tier must be one of {sorted(allowed_tiers)} or None"
+            )
         if self.verdict is not Verdict.ABNORMAL and self.risk_tier is not None:
             raise ValueError("StudyResult.risk_tier is only set for an abnormal verdict")
 

@@ -97,7 +97,9 @@ class SvmSecondStage:
         """From a fitted StandardScaler and binary SVC whose classes are (0 normal, 1 abnormal)."""
         classes = [int(c) for c in svc.classes_]
         if classes != [0, 1]:
-            raise ValueError(f"SVC must be fitted on classes [0, 1] (normal, abnormal), got {classes}")
+            raise ValueError(
+                f"SVC must be fitted on classes [0, 1] (normal, abnormal), got {classes}"
+            )
         scale = getattr(scaler, "scale_", None)
         n_features = svc.support_vectors_.shape[1]
         return cls(
@@ -129,10 +131,17 @@ class SvmSecondStage:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SvmSecondStage:
         if not isinstance(data, dict) or data.get("type") != "svm":
-            raise ValueError("second stage must be an object with \"type\": \"svm\"")
+            raise ValueError('second stage must be an object with "type": "svm"')
         required = (
-            "kernel", "gamma", "coef0", "degree", "support_vectors", "dual_coef", "intercept",
-            "feature_mean", "feature_scale",
+            "kernel",
+            "gamma",
+            "coef0",
+            "degree",
+            "support_vectors",
+            "dual_coef",
+            "intercept",
+            "feature_mean",
+            "feature_scale",
         )
         missing = [k for k in required if k not in data]
         if missing:

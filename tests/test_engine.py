@@ -1,0 +1,153 @@
+"""The batched engine and how logits become a study result."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from scxnn_node.model.bundle import load_bundle
+from scxnn_node.model.engine import (
+    EngineOptions,
+    InferenceEngine,
+    max_batch_for_memory,
+    result_from_logits,
+)
+from scxnn_node.model.member import MemberNet
+from scxnn_node.model.result import UNSPECIFIED_TIER, MemberCall, StudyResult, Verdict
+
+
+@pytest.fixture(scope="module")
+def bundle(small_bundle_dir):
+    return load_bundle(small_bundle_dir)
+
+
+def _images(n, size=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+def test_logits_match_a_plain_forward_pass(bundle):
+    engine = InferenceEngine(bundle, EngineOptions(batch_size=2))
+    images = _images(3)
+    logits = engine.member_logits(images)
+    assert logits.shape == (3, 3, 3)
+    reference = MemberNet("densenet_small", with_decoder=False).eval()
+    reference.load_state_dict(bundle.member_weights["nodule"])
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images).unsqueeze(1).float() / 255).numpy()
+    np.testing.assert_allclose(logits[:, 1], expected, atol=1e-4)
+
+
+def test_batch_size_and_layout_do_not_change_results(bundle):
+    images = _images(5, seed=1)
+    a = InferenceEngine(bundle, EngineOptions(batch_size=1, channels_last=False)).member_logits(
+        images
+    )
+    b = InferenceEngine(bundle, EngineOptions(batch_size=4, channels_last=True)).member_logits(
+        images
+    )
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_stays_close(bundle):
+    images = _images(2, seed=2)
+    fp32 = InferenceEngine(bundle, EngineOptions(precision="fp32")).member_logits(images)
+    bf16 = InferenceEngine(bundle, EngineOptions(precision="bf16")).member_logits(images)
+    assert np.abs(fp32 - bf16).max() < 0.25
+
+
+def test_torch_compile_backend_matches_eager(bundle):
+    images = _images(2, seed=3)
+    eager = InferenceEngine(bundle, EngineOptions(batch_size=2)).member_logits(images)
+    compiled = InferenceEngine(bundle, EngineOptions(batch_size=2, compile=True)).member_logits(
+        images
+    )
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+
+
+def test_engine_refuses_wrong_input(bundle):
+    engine = InferenceEngine(bundle, EngineOptions(batch_size=1))
+    with pytest.raises(ValueError, match="uint8"):
+        engine.member_logits(np.zeros((1, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="device"):
+        EngineOptions(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            InferenceEngine(bundle, EngineOptions(device="cuda:0"))
+
+
+def test_memory_bound_batch():
+    assert max_batch_for_memory("densenet121", 1024, 1 << 30) == 1
+    assert max_batch_for_memory("densenet121", 1024, 64 << 30) == 16
+    assert 1 < max_batch_for_memory("densenet121", 1024, 4 << 30) < 16
+
+
+def _logits(calls: dict[int, str], n_members=3) -> np.ndarray:
+    """One image's logits with a confident call per member (default normal)."""
+    out = np.zeros((1, n_members, 3))
+    for m in range(n_members):
+        out[0, m, ["normal", "target", "others"].index(calls.get(m, "normal"))] = 6.0
+    return out
+
+
+def _at(bundle, threshold: float):
+    """The same bundle with another operating threshold."""
+    op = replace(bundle.manifest.operating_point, threshold=threshold)
+    return replace(bundle, manifest=replace(bundle.manifest, operating_point=op))
+
+
+def test_critical_target_gives_critical_tier(bundle):
+    result = result_from_logits(
+        _at(bundle, -1e9), "1.2.3", _logits({0: "target", 1: "target"}), ["x"]
+    )
+    assert result.verdict is Verdict.ABNORMAL
+    assert result.risk_tier == "critical"  # pneumothorax beats nodule
+    assert [f.name for f in result.flagged_findings] == ["pneumothorax", "nodule"]
+    assert result.findings[0].call is MemberCall.TARGET
+    assert result.findings[2].call is MemberCall.NORMAL
+
+
+def test_only_others_gives_abnormal_unspecified(bundle):
+    result = result_from_logits(
+        _at(bundle, -1e9), "1.2.3", _logits({0: "others", 2: "others"}), ["x"]
+    )
+    assert result.verdict is Verdict.ABNORMAL
+    assert result.risk_tier == UNSPECIFIED_TIER
+    assert "abnormal, unspecified" in result.reason
+
+
+def test_below_threshold_is_definite_normal_without_tier(bundle):
+    result = result_from_logits(_at(bundle, 1e9), "1.2.3", _logits({1: "target"}), ["x"])
+    assert result.verdict is Verdict.DEFINITE_NORMAL and result.risk_tier is None
+    assert result.threshold == 1e9
+
+
+def test_study_of_several_images_takes_the_worst(bundle):
+    bundle = _at(bundle, -1e9)
+    logits = np.concatenate([_logits({}), _logits({2: "target"}), _logits({0: "others"})])
+    result = result_from_logits(bundle, "1.2.3", logits, ["a", "b", "c"])
+    calls = {f.name: f.call for f in result.findings}
+    assert calls == {
+        "pneumothorax": MemberCall.OTHERS,
+        "nodule": MemberCall.NORMAL,
+        "cardiomegaly": MemberCall.TARGET,
+    }
+    assert result.risk_tier == "cardiomegaly"
+    assert result.findings[2].probabilities["target"] > 0.99  # from the image that saw it
+    single = [
+        result_from_logits(bundle, "1.2.3", logits[i : i + 1], ["a"]).abnormality_score
+        for i in range(3)
+    ]
+    assert result.abnormality_score == pytest.approx(max(single))
+
+
+def test_result_validation():
+    from scxnn_node.model.result import BundleIdentity
+
+    ident = BundleIdentity("b", "1.0.0", False)
+    with pytest.raises(ValueError, match="reason"):
+        StudyResult("1", Verdict.NOT_ANALYSED, None, None, None, None, (), ident)
+    with pytest.raises(ValueError, match="risk_tier"):
+        StudyResult("1", Verdict.NOT_ANALYSED, "x", "critical", None, None, (), ident)

@@ -1,0 +1,82 @@
+"""The SVM second stage evaluated from plain numbers equals scikit-learn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from scxnn_node.model.second_stage import SvmSecondStage
+from training.second_stage_fit import choose_operating_point, fit_second_stage
+
+
+def _data(seed=0, n=120):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 39)) * rng.uniform(0.5, 3, 39) + rng.normal(size=39)
+    y = (x[:, :5].sum(1) + rng.normal(size=n) > 0).astype(int)
+    return x, y
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear", "poly", "sigmoid"])
+def test_equals_sklearn_decision_function(kernel, tmp_path):
+    x, y = _data()
+    scaler = StandardScaler().fit(x)
+    svc = SVC(kernel=kernel, C=2.0, gamma="scale", degree=3, coef0=0.5, class_weight="balanced")
+    svc.fit(scaler.transform(x), y)
+    stage = SvmSecondStage.from_sklearn(scaler, svc)
+    path = tmp_path / "stage.json"
+    stage.save(path)
+    loaded = SvmSecondStage.load(path)  # through JSON, as a bundle stores it
+    x_test, _ = _data(seed=1, n=50)
+    expected = svc.decision_function(scaler.transform(x_test))
+    np.testing.assert_allclose(loaded.decision_function(x_test), expected, atol=1e-6, rtol=0)
+    # Positive means class 1 (abnormal), as sklearn's convention.
+    assert (
+        (loaded.decision_function(x_test) > 0) == (svc.predict(scaler.transform(x_test)) == 1)
+    ).all()
+
+
+def test_fit_second_stage_separates_and_refuses_one_class():
+    x, y = _data(seed=2, n=200)
+    stage = fit_second_stage(x, y)
+    accuracy = ((stage.decision_function(x) > 0) == y).mean()
+    assert accuracy > 0.8
+    with pytest.raises(ValueError, match="normal and abnormal"):
+        fit_second_stage(x, np.ones(len(x)))
+
+
+def test_validation_names_the_field():
+    x, y = _data()
+    stage = fit_second_stage(x, y)
+    data = stage.to_dict()
+    with pytest.raises(ValueError, match="dual_coef"):
+        SvmSecondStage.from_dict({**data, "dual_coef": data["dual_coef"][:-1]})
+    with pytest.raises(ValueError, match="kernel"):
+        SvmSecondStage.from_dict({**data, "kernel": "quantum"})
+    with pytest.raises(ValueError, match="feature_scale"):
+        SvmSecondStage.from_dict({**data, "feature_scale": [0.0] * 39})
+    with pytest.raises(ValueError, match="missing keys"):
+        SvmSecondStage.from_dict({k: v for k, v in data.items() if k != "intercept"})
+    with pytest.raises(ValueError, match="expects 39 features"):
+        stage.decision_function(np.zeros((1, 12)))
+    assert json.loads(json.dumps(data)) == data  # plain numbers only
+
+
+def test_operating_point_reaches_target_sensitivity():
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.normal(1, 1, 400), rng.normal(-1, 1, 300)])
+    abnormal = np.concatenate([np.ones(400), np.zeros(300)]).astype(int)
+    op = choose_operating_point(scores, abnormal, 0.99)
+    sens = (scores[abnormal == 1] >= op.threshold).mean()
+    assert sens >= 0.99
+    # It is the highest such threshold: one step up would miss more than 1 %.
+    above = np.sort(scores[abnormal == 1])
+    higher = above[above > op.threshold][0]
+    assert (scores[abnormal == 1] >= higher).mean() < 0.99
+    assert op.validation["sensitivity"] == pytest.approx(sens)
+    assert op.validation["specificity"] == pytest.approx(
+        (scores[abnormal == 0] < op.threshold).mean()
+    )
