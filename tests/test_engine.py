@@ -151,3 +151,33 @@ def test_result_validation():
         StudyResult("1", Verdict.NOT_ANALYSED, None, None, None, None, (), ident)
     with pytest.raises(ValueError, match="risk_tier"):
         StudyResult("1", Verdict.NOT_ANALYSED, "x", "critical", None, None, (), ident)
+
+
+def test_fused_member_equals_the_member():
+    """Folding BN and the concatenation buffer change nothing but speed (both layouts)."""
+    from scxnn_node.model.fused import FusedMember
+
+    torch.manual_seed(0)
+    member = MemberNet("densenet121", with_decoder=False).eval()
+    for module in member.modules():  # non-trivial running statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    fused = FusedMember(member).eval()
+    x = torch.rand(2, 1, 96, 96)
+    with torch.inference_mode():
+        expected = member(x)
+        torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=1e-4)
+        fused_cl = fused.to(memory_format=torch.channels_last)
+        got = fused_cl(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_batch_size_on_cpu_is_one_at_full_resolution():
+    from scxnn_node.model.engine import default_batch_size
+
+    cpu = torch.device("cpu")
+    assert default_batch_size(cpu, "densenet121", 1024) == 1
+    assert default_batch_size(cpu, "densenet_small", 64) > 1
