@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.imaging.preprocess import PreprocessSpec
 from scxnn_node.model.bundle import Bundle, Manifest, OperatingPoint, TrainingData
-from scxnn_node.model.engine import EngineOptions, InferenceEngine
+from scxnn_node.model.engine import BACKENDS, EngineOptions, InferenceEngine
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.member import MemberNet
 from training.second_stage_fit import fit_second_stage
@@ -92,7 +92,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--peak-gflops", type=float, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
@@ -143,7 +143,7 @@ def main() -> None:
             device=args.device,
             batch_size=args.batch_size,
             precision=args.precision,
-            compile=args.compile,
+            backend=args.backend,
         ),
     )
     images = np.random.default_rng(1).integers(

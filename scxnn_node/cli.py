@@ -13,7 +13,7 @@ from scxnn_node.config import ConfigError, NodeConfig, load_config
 from scxnn_node.imaging.decode import ImageRejected
 from scxnn_node.imaging.selection import SelectionPolicy
 from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE, BundleError, load_bundle, verify_bundle
-from scxnn_node.model.engine import PRECISIONS, EngineOptions, InferenceEngine
+from scxnn_node.model.engine import BACKENDS, PRECISIONS, EngineOptions, InferenceEngine
 from scxnn_node.model.result import StudyResult
 from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
 
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", help="cpu or cuda:N (default: the config's first device)")
     infer.add_argument("--batch-size", type=int, default=None)
     infer.add_argument("--precision", choices=PRECISIONS, default=None)
-    infer.add_argument("--compile", action="store_true", help="torch.compile the members")
+    infer.add_argument("--backend", choices=BACKENDS, default=None, help="default: auto")
     infer.add_argument(
         "--body-part",
         action="append",
@@ -116,7 +116,7 @@ def _infer(args: argparse.Namespace) -> int:
                 device=args.device or config.model.devices[0],
                 batch_size=args.batch_size or config.model.batch_size,
                 precision=args.precision or config.model.precision,
-                compile=args.compile or config.model.compile,
+                backend=args.backend or config.model.backend,
             ),
         )
         results = [triage_study(engine, uid, items) for uid, items in studies.items()]

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS
-from scxnn_node.model.engine import PRECISIONS
+from scxnn_node.model.engine import BACKENDS, PRECISIONS
 
 
 class ConfigError(Exception):
@@ -28,7 +28,7 @@ class ModelSection(_Section):
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     batch_size: int | None = Field(default=None, ge=1)
     precision: str = "auto"
-    compile: bool = False
+    backend: str = "auto"
 
     @field_validator("devices")
     @classmethod
@@ -36,6 +36,13 @@ class ModelSection(_Section):
         for device in value:
             if not (device == "cpu" or device.startswith("cuda")):
                 raise ValueError(f"device {device!r} must be 'cpu' or 'cuda:N'")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"must be one of {list(BACKENDS)}")
         return value
 
     @field_validator("precision")

@@ -88,6 +88,7 @@ class FusedMember(nn.Module):
         self.norm5 = f.norm5
         self.head = member.head
         self.normalise = member.normalise
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.normalise(x))
