@@ -92,7 +92,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--backend", default="eager", choices=BACKENDS)
     parser.add_argument("--peak-gflops", type=float, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()

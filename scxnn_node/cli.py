@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", help="cpu or cuda:N (default: the config's first device)")
     infer.add_argument("--batch-size", type=int, default=None)
     infer.add_argument("--precision", choices=PRECISIONS, default=None)
-    infer.add_argument("--backend", choices=BACKENDS, default=None, help="default: auto")
+    infer.add_argument("--backend", choices=BACKENDS, default=None, help="default: eager")
     infer.add_argument(
         "--body-part",
         action="append",

@@ -28,7 +28,7 @@ class ModelSection(_Section):
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     batch_size: int | None = Field(default=None, ge=1)
     precision: str = "auto"
-    backend: str = "auto"
+    backend: str = "eager"
 
     @field_validator("devices")
     @classmethod

@@ -58,21 +58,15 @@ def test_bf16_autocast_on_cpu_stays_close(bundle):
     assert np.abs(fp32 - bf16).max() < 0.25
 
 
-@pytest.mark.parametrize("backend", ["onednn", "compile"])
-def test_backends_match_eager(bundle, backend):
+def test_compile_backend_matches_eager(bundle):
     images = _images(3, seed=3)  # 3 images in batches of 2: a full and a partial batch
-    eager = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="eager"))
-    other = InferenceEngine(bundle, EngineOptions(batch_size=2, backend=backend))
-    assert other.backend == backend
-    np.testing.assert_allclose(other.member_logits(images), eager.member_logits(images), atol=1e-4)
-
-
-def test_auto_backend_is_onednn_on_cpu_fp32_only(bundle):
-    assert InferenceEngine(bundle, EngineOptions(batch_size=1)).backend == "onednn"
-    bf16 = InferenceEngine(bundle, EngineOptions(batch_size=1, precision="bf16"))
-    assert bf16.backend == "eager"
-    with pytest.raises(ValueError, match="CPU only"):
-        EngineOptions(device="cuda:0", backend="onednn")
+    eager = InferenceEngine(bundle, EngineOptions(batch_size=2))
+    compiled = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="compile"))
+    np.testing.assert_allclose(
+        compiled.member_logits(images), eager.member_logits(images), atol=1e-4
+    )
+    with pytest.raises(ValueError, match="backend"):
+        EngineOptions(backend="tensorrt")
 
 
 def test_engine_refuses_wrong_input(bundle):

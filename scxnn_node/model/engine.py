@@ -2,14 +2,13 @@
 
 The engine is loaded once and reused: members run over batches of preprocessed images in
 inference mode, channels_last, with bf16/fp16 autocast on CUDA and a choice of backend (eager,
-oneDNN Graph through TorchScript, torch.compile). It turns the 13 x 3 logits of each image into
+torch.compile). It turns the 13 x 3 logits of each image into
 a `StudyResult` with the bundle's operating point.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,10 +29,10 @@ from scxnn_node.model.result import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# auto: onednn on the CPU in fp32, eager otherwise. onednn = TorchScript trace + freeze with
-# oneDNN Graph fusion (conv+bias+ReLU in one kernel), measured 15-20 % faster than eager on this
-# CPU at 1024 px. compile = torch.compile (slow to start; measured no faster on this CPU).
-BACKENDS = ("auto", "eager", "onednn", "compile")
+# compile = torch.compile: minutes to start at 1024 px and measured no faster than eager on a
+# 2-core CPU; for GPUs. (TorchScript + oneDNN Graph fusion and ONNX Runtime were measured too:
+# no faster than the eager fused members here, so neither is offered.)
+BACKENDS = ("eager", "compile")
 # Peak activation memory of one image relative to its pixel count, measured for densenet121 in
 # inference mode (about 200 bytes per input pixel, with a margin).
 _ACTIVATION_BYTES_PER_PIXEL = {"densenet121": 320, "densenet_small": 64}
@@ -46,15 +45,13 @@ class EngineOptions:
     precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     channels_last: bool = True
     fused: bool = True  # BN folded, no re-concatenation (model/fused.py); same outputs
-    backend: str = "auto"
+    backend: str = "eager"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"EngineOptions.precision must be one of {PRECISIONS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"EngineOptions.backend must be one of {BACKENDS}")
-        if self.backend == "onednn" and self.device != "cpu":
-            raise ValueError("EngineOptions.backend 'onednn' runs on the CPU only")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("EngineOptions.batch_size must be at least 1")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -103,7 +100,7 @@ class InferenceEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {self.options.device} requested but CUDA is not available")
         self.autocast_dtype = self._autocast_dtype()
-        self.backend = self._backend()
+        self.backend = self.options.backend
         size = self.manifest.preprocessing.size
         self.batch_size = self.options.batch_size or default_batch_size(
             self.device, self.manifest.architecture, size
@@ -128,27 +125,6 @@ class InferenceEngine:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-    def _backend(self) -> str:
-        backend = self.options.backend
-        if backend == "auto":
-            return (
-                "onednn" if self.device.type == "cpu" and self.autocast_dtype is None else "eager"
-            )
-        if backend == "onednn" and self.autocast_dtype is not None:
-            raise ValueError("backend 'onednn' runs in fp32; use precision fp32 or backend eager")
-        return backend
-
-    def _trace_onednn(self, member: torch.nn.Module) -> torch.nn.Module:
-        size = self.manifest.preprocessing.size
-        example = self._to_tensor(np.zeros((self.batch_size, size, size), np.uint8))
-        torch.jit.enable_onednn_fusion(True)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
-            traced = torch.jit.freeze(torch.jit.trace(member, example))
-            for _ in range(2):  # the fusion pass runs on the first calls; do it at load
-                traced(example)
-        return traced
-
     def _build_member(self, name: str) -> torch.nn.Module:
         member = MemberNet(self.manifest.architecture, with_decoder=False)
         missing, unexpected = member.load_state_dict(self.bundle.member_weights[name], strict=False)
@@ -165,8 +141,6 @@ class InferenceEngine:
             member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
             return torch.compile(member, dynamic=False)  # type: ignore[return-value]
-        if self.backend == "onednn":
-            return self._trace_onednn(member)
         return member
 
     def _to_tensor(self, images: np.ndarray) -> torch.Tensor:
