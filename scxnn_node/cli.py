@@ -9,9 +9,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from scxnn_node.config import ConfigError, NodeConfig, load_config
+from scxnn_node.config import ConfigError, load_config
 from scxnn_node.imaging.decode import ImageRejected
-from scxnn_node.imaging.selection import SelectionPolicy
 from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE, BundleError, load_bundle, verify_bundle
 from scxnn_node.model.engine import BACKENDS, PRECISIONS, EngineOptions, InferenceEngine
 from scxnn_node.model.result import StudyResult
@@ -83,7 +82,7 @@ def _format_result(result: StudyResult) -> str:
 
 def _infer(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config) if args.config else NodeConfig()
+        config = load_config(args.config)
     except ConfigError as exc:
         print(f"scxnn-node: {exc}", file=sys.stderr)
         return 2
@@ -92,7 +91,7 @@ def _infer(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"scxnn-node: bundle refused: {exc}", file=sys.stderr)
         return 2
-    policy = SelectionPolicy.from_body_parts(args.body_parts or config.filters.body_parts)
+    policy = config.selection_policy(args.body_parts)
     spec = bundle.manifest.preprocessing
     studies: dict[str, list[PreparedInstance]] = defaultdict(list)
     failed = 0

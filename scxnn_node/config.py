@@ -1,18 +1,33 @@
 """Typed schema of config.yaml: validated on load, unknown keys refused, errors name key and file.
 
-Only the sections the node uses today are here (model, filters); each key is documented in the
-example config.yaml at the repository root with its default.
+Every key has a default and is documented in the example `config.yaml`. Environment variables
+override the file: `SCXNN__SECTION__KEY=value` (double underscores between levels, value parsed
+as YAML), e.g. `SCXNN__NODE__PORT=11113` or `SCXNN__MODEL__DEVICES='[cuda:0, cuda:1]'`.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS
+from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, SelectionPolicy
 from scxnn_node.model.engine import BACKENDS, PRECISIONS
+
+ENV_PREFIX = "SCXNN__"
+
+# Image storage SOP classes accepted by default: CR, DX (presentation and processing, all three
+# flavours), and Secondary Capture (real chest senders use it, see tests/data).
+DEFAULT_SOP_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+]
 
 
 class ConfigError(Exception):
@@ -21,6 +36,49 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16 or "\\" in value or not value.isprintable():
+        raise ValueError("an AE title has 1 to 16 printable characters and no backslash")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+class TlsSection(_Section):
+    enabled: bool = False
+    certificate: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_certificate: bool = False
+
+
+class NodeSection(_Section):
+    ae_title: AeTitle = "SCXNN"
+    host: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    tls: TlsSection = Field(default_factory=TlsSection)
+
+
+class AllowedCaller(_Section):
+    ae_title: AeTitle
+    host: str | None = None  # when set, the association must come from this address
+
+
+class StorageSection(_Section):
+    spool_dir: Path = Path("var/spool")
+    min_free_bytes: int = Field(default=1 << 30, ge=0)  # below this C-STORE answers 0xA700
+    retention_days: float = Field(default=7.0, gt=0)
+
+
+class DatabaseSection(_Section):
+    url: str = "sqlite:///var/scxnn.db"
 
 
 class ModelSection(_Section):
@@ -53,26 +111,125 @@ class ModelSection(_Section):
         return value
 
 
+class StudySection(_Section):
+    quiet_seconds: float = Field(default=5.0, ge=0)
+
+
 class FiltersSection(_Section):
+    sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX", "OT", ""])
     body_parts: list[str] = Field(default_factory=lambda: sorted(DEFAULT_BODY_PARTS), min_length=1)
+    views: list[str] = Field(default_factory=lambda: sorted(DEFAULT_VIEWS), min_length=1)
+
+
+class Destination(_Section):
+    name: str
+    ae_title: AeTitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    outputs: list[Literal["sr", "summary"]] = Field(default_factory=lambda: ["sr", "summary"])
+    tls: TlsSection = Field(default_factory=TlsSection)
+
+
+class DeliverySection(_Section):
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_seconds: float = Field(default=5.0, gt=0)  # doubled after each failure
+    max_backoff_seconds: float = Field(default=600.0, gt=0)
+
+
+class WorkerSection(_Section):
+    lease_seconds: float = Field(default=300.0, gt=0)
+    heartbeat_seconds: float = Field(default=30.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class SchedulerSection(_Section):
+    readiness_seconds: float = Field(default=1.0, gt=0)
+    lease_recovery_seconds: float = Field(default=15.0, gt=0)
+    delivery_seconds: float = Field(default=2.0, gt=0)
+    retention_seconds: float = Field(default=3600.0, gt=0)
+    disk_check_seconds: float = Field(default=30.0, gt=0)
+    housekeeping_seconds: float = Field(default=3600.0, gt=0)
+
+
+class LoggingSection(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
 
 
 class NodeConfig(_Section):
+    node: NodeSection = Field(default_factory=NodeSection)
+    allowed_callers: list[AllowedCaller] | None = None  # None: any caller; [] refuses all
+    storage: StorageSection = Field(default_factory=StorageSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
     model: ModelSection = Field(default_factory=ModelSection)
+    study: StudySection = Field(default_factory=StudySection)
     filters: FiltersSection = Field(default_factory=FiltersSection)
+    destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySection = Field(default_factory=DeliverySection)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique, got {names}")
+        return value
+
+    def selection_policy(self, body_parts: list[str] | None = None) -> SelectionPolicy:
+        """The image selection policy of the filters section (body parts overridable)."""
+        return SelectionPolicy(
+            frozenset(body_parts or self.filters.body_parts), frozenset(self.filters.views)
+        )
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = [d.name for d in self.destinations]
+        raise KeyError(f"no destination named {name!r}; configured: {known}")
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read and validate a config file; relative paths in it are relative to the working dir."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        target = raw
+        for part in path[:-1]:
+            existing = target.get(part)
+            if not isinstance(existing, dict):
+                existing = {}
+                target[part] = existing
+            target = existing
+        try:
+            target[path[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment {name}: not a valid value ({exc})") from None
+    return raw
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read and validate a config file (None: defaults), then apply SCXNN__ overrides."""
+    label = str(path) if path is not None else "(defaults)"
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = _apply_env(raw, os.environ if environ is None else environ)
     try:
         return NodeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -81,4 +238,4 @@ def load_config(path: str | Path) -> NodeConfig:
             key = ".".join(str(p) for p in err["loc"])
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {message}")
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{label}: " + "; ".join(problems)) from None

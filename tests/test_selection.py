@@ -63,3 +63,11 @@ def test_real_files():
     siim = pydicom.dcmread(DATA / "siim_cr_negative.dcm", stop_before_pixels=True)
     assert assess_eligibility(nih).view is View.UNKNOWN and assess_eligibility(nih).analyse
     assert assess_eligibility(siim).view is View.FRONTAL and assess_eligibility(siim).analyse
+
+
+def test_allowed_views_configurable():
+    pa_only = SelectionPolicy(body_parts=frozenset({"CHEST"}), views=frozenset({"PA"}))
+    assert assess_eligibility(_ds(view="PA"), pa_only).analyse
+    ap = assess_eligibility(_ds(view="AP"), pa_only)
+    assert not ap.analyse and "'AP'" in ap.reason
+    assert not assess_eligibility(_ds(view=None), pa_only).analyse

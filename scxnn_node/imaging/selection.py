@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLAT", "RLAT"})
 DEFAULT_BODY_PARTS = frozenset({"CHEST", ""})
+DEFAULT_VIEWS = frozenset({"PA", "AP", ""})
 
 
 class View(StrEnum):
@@ -25,15 +26,22 @@ class View(StrEnum):
 
 @dataclass(frozen=True)
 class SelectionPolicy:
-    """Body parts analysed (upper case; "" means the tag is absent or empty)."""
+    """Body parts and View Position values analysed (upper case; "" means absent or empty).
+
+    Lateral views are never analysed (the members are frontal-view models); a view that is
+    neither frontal nor lateral counts as "" (unknown) and is analysed, flagged, when "" is in
+    `views`.
+    """
 
     body_parts: frozenset[str] = field(default=DEFAULT_BODY_PARTS)
+    views: frozenset[str] = field(default=DEFAULT_VIEWS)
 
     def __post_init__(self) -> None:
-        normalised = frozenset(str(p).strip().upper() for p in self.body_parts)
-        if not normalised:
-            raise ValueError("SelectionPolicy.body_parts must name at least one body part")
-        object.__setattr__(self, "body_parts", normalised)
+        for attr in ("body_parts", "views"):
+            normalised = frozenset(str(p).strip().upper() for p in getattr(self, attr))
+            if not normalised:
+                raise ValueError(f"SelectionPolicy.{attr} must name at least one value")
+            object.__setattr__(self, attr, normalised)
 
     @classmethod
     def from_body_parts(cls, parts: Iterable[str]) -> SelectionPolicy:
@@ -79,6 +87,12 @@ def assess_eligibility(ds: Dataset, policy: SelectionPolicy | None = None) -> El
     if view is View.LATERAL:
         return Eligibility(
             False, view, reason="lateral view; only frontal (PA/AP) views are analysed"
+        )
+    position = str(ds.get("ViewPosition", "") or "").strip().upper()
+    key = position if view is View.FRONTAL and position in FRONTAL_VIEWS else ""
+    if key not in policy.views:
+        return Eligibility(
+            False, view, reason=f"view {key or 'unknown'!r} is not in the allowed views"
         )
     if view is View.UNKNOWN:
         return Eligibility(True, view, flags=("view_unknown",))
