@@ -1,0 +1,1 @@
+"""DICOM networking (SCP, SCU) and the result objects sent back to the PACS."""

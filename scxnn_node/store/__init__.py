@@ -1,0 +1,1 @@
+"""Durable state: SQLAlchemy models, the job queue, the spool of received files."""
