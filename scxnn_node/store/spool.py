@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -60,7 +61,5 @@ class Spool:
     def remove(self, rel: str) -> None:
         path = self.root / rel
         path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             path.parent.rmdir()  # only when empty
-        except OSError:
-            pass
