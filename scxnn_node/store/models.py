@@ -68,6 +68,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     instance_set: Mapped[str] = mapped_column(String(64))  # sha256 of the sorted SOP UIDs
+    instance_uids: Mapped[str] = mapped_column(Text)  # JSON list of those SOP UIDs
     bundle_version: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))  # ready | claimed | done | failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)

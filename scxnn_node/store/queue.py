@@ -7,6 +7,8 @@ PostgreSQL: FOR UPDATE SKIP LOCKED lets workers pass each other's locked rows).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,7 +23,7 @@ from scxnn_node.store.models import Job
 class ClaimedJob:
     id: int
     study_instance_uid: str
-    instance_set: str
+    instance_uids: tuple[str, ...]
     bundle_version: str
     attempts: int
 
@@ -37,9 +39,11 @@ class JobQueue:
 
     @staticmethod
     def enqueue(
-        session: Session, study_instance_uid: str, instance_set: str, bundle_version: str
+        session: Session, study_instance_uid: str, instance_uids: list[str], bundle_version: str
     ) -> Job | None:
         """Add a ready job unless one exists for the same input (then None)."""
+        uids = sorted(set(instance_uids))
+        instance_set = hashlib.sha256("\n".join(uids).encode()).hexdigest()
         existing = session.execute(
             select(Job.id).where(
                 Job.study_instance_uid == study_instance_uid,
@@ -89,7 +93,11 @@ class JobQueue:
             job = session.get(Job, job_id)
             assert job is not None
             return ClaimedJob(
-                job.id, job.study_instance_uid, job.instance_set, job.bundle_version, job.attempts
+                job.id,
+                job.study_instance_uid,
+                tuple(json.loads(job.instance_uids)),
+                job.bundle_version,
+                job.attempts,
             )
 
     def heartbeat(self, job_id: int) -> bool:

@@ -1,0 +1,86 @@
+"""Test support for the node: configs on free loopback ports, temp databases and spools."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from scxnn_node.config import NodeConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_config(tmp: Path, **sections: Any) -> NodeConfig:
+    """A config whose state lives under `tmp`, listening on a free port."""
+    raw: dict[str, Any] = {
+        "node": {"ae_title": "SCXNN", "host": "127.0.0.1", "port": free_port()},
+        "allowed_callers": [{"ae_title": "PACS"}],
+        "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0},
+        "database": {"url": f"sqlite:///{tmp / 'node.db'}"},
+        "study": {"quiet_seconds": 0.5},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return NodeConfig.model_validate(raw)
+
+
+# storescu proposes what it is told; a PACS proposes each file's own transfer syntax.
+_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def storescu(
+    port: int, *files: Path, aet: str = "PACS", aec: str = "SCXNN"
+) -> subprocess.CompletedProcess:
+    """dcmtk storescu, one association per transfer syntax among the files; the last result
+    (or the first failure) is returned."""
+    import pydicom
+
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_PROPOSE.get(ts, "-xe"), []).append(f)
+    run = None
+    for option, group in groups.items():
+        run = subprocess.run(
+            [
+                "storescu",
+                option,
+                "-R",
+                "-aet",
+                aet,
+                "-aec",
+                aec,
+                "127.0.0.1",
+                str(port),
+                *map(str, group),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if run.returncode != 0:
+            return run
+    assert run is not None
+    return run
