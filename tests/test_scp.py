@@ -156,7 +156,7 @@ def test_low_disk_answers_out_of_resources(tmp_path):
 
 
 def test_database_unavailable_answers_out_of_resources(node):
-    config, db, _ = node
+    config, _, _ = node
     path = config.database.url.removeprefix("sqlite:///")
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database
@@ -181,7 +181,7 @@ def test_data_without_study_uid_answers_cannot_understand_and_is_kept(node, tmp_
 
 
 def test_truncated_dataset_answers_cannot_understand(node, tmp_path):
-    config, db, spool = node
+    config, db, _ = node
     good = write(make_dataset(chest_pixels(64, bits=12)), tmp_path / "good.dcm")
     raw = good.read_bytes()
     # Cut inside the patient module: the SOP UIDs still parse, the rest does not.
