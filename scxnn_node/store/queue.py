@@ -57,6 +57,7 @@ class JobQueue:
         job = Job(
             study_instance_uid=study_instance_uid,
             instance_set=instance_set,
+            instance_uids=json.dumps(uids),
             bundle_version=bundle_version,
             state="ready",
             attempts=0,
