@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 
-from scxnn_node.config import ConfigError, load_config
+from scxnn_node.config import ConfigError, NodeConfig, load_config
 from scxnn_node.imaging.decode import ImageRejected
+from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE, BundleError, load_bundle, verify_bundle
 from scxnn_node.model.engine import BACKENDS, PRECISIONS, EngineOptions, InferenceEngine
 from scxnn_node.model.result import StudyResult
+from scxnn_node.store.db import Database, short_hash
 from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
 
 log = logging.getLogger("scxnn_node")
@@ -41,6 +45,43 @@ def _parser() -> argparse.ArgumentParser:
         help="allowed Body Part Examined (repeatable; default CHEST and empty)",
     )
 
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=_default_config(), help="config.yaml")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the node: SCP, scheduler, one worker per device"))
+    worker = with_config(sub.add_parser("worker", help="run one inference worker alone"))
+    worker.add_argument("--device", help="cpu or cuda:N (default: the config's first device)")
+    status = with_config(sub.add_parser("status", help="queue counts, oldest study, errors"))
+    status.add_argument("--json", action="store_true")
+    jobs = sub.add_parser("jobs", help="list or retry jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jlist = with_config(jsub.add_parser("list"))
+    jlist.add_argument("--state", help="ready, claimed, done or failed")
+    jlist.add_argument("--limit", type=int, default=50)
+    jretry = with_config(jsub.add_parser("retry", help="failed job(s) back to ready"))
+    jretry.add_argument("id", type=int, nargs="?")
+    jretry.add_argument("--all-failed", action="store_true")
+    deliveries = sub.add_parser("deliveries", help="list or retry deliveries")
+    dsub = deliveries.add_subparsers(dest="deliveries_command", required=True)
+    dlist = with_config(dsub.add_parser("list"))
+    dlist.add_argument("--state", help="pending, sent or dead")
+    dlist.add_argument("--limit", type=int, default=50)
+    dretry = with_config(dsub.add_parser("retry", help="delivery (or all dead) back to pending"))
+    dretry.add_argument("id", type=int, nargs="?")
+    dretry.add_argument("--all-dead", action="store_true")
+    echo = with_config(sub.add_parser("echo", help="C-ECHO a configured destination"))
+    echo.add_argument("destination")
+    send = with_config(sub.add_parser("send", help="C-STORE files (default: to this node)"))
+    send.add_argument("files", nargs="+", type=Path)
+    send.add_argument("--host", help="default: the node's host")
+    send.add_argument("--port", type=int, help="default: the node's port")
+    send.add_argument("--aec", help="called AE title (default: the node's)")
+    send.add_argument("--aet", default="SCXNNSEND", help="calling AE title")
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", type=Path)
+    with_config(sub.add_parser("demo", help="run the whole flow with a loopback PACS"))
+
     bundle = sub.add_parser("bundle", help="inspect model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
     verify = bsub.add_parser("verify", help="check a bundle's format and every hash")
@@ -49,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
     return parser
+
+
+def _default_config() -> Path | None:
+    path = Path("config.yaml")
+    return path if path.is_file() else None
 
 
 def _expand(paths: list[Path]) -> list[Path]:
@@ -163,14 +209,148 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(config: NodeConfig) -> int:
+    from scxnn_node.node import Node
+
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    stop.wait()
+    log.info("stopping")
+    node.stop()
+    return 0
+
+
+def _worker(config: NodeConfig, device: str | None) -> int:
+    from scxnn_node.worker import TriageWorker
+
+    worker = TriageWorker(config, device or config.model.devices[0])
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.run(stop)
+    return 0
+
+
+def _rows(config: NodeConfig, model: type, state: str | None, limit: int) -> list:
+    from sqlalchemy import select
+
+    db = Database(config.database.url)
+    with db.session() as session:
+        stmt = select(model).order_by(model.id.desc()).limit(limit)
+        if state:
+            stmt = stmt.where(model.state == state)
+        return session.execute(stmt).scalars().all()
+
+
+def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
+    from scxnn_node.store.models import Delivery, Job
+
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "worker":
+        return _worker(config, args.device)
+    if args.command == "demo":
+        from scxnn_node.demo import run_demo
+
+        return run_demo(config)
+    if args.command == "send":
+        from scxnn_node.dicom.scu import Peer, is_success, send_files
+
+        peer = Peer(
+            args.aec or config.node.ae_title,
+            args.host or config.node.host,
+            args.port or config.node.port,
+        )
+        statuses = send_files(peer, args.aet, args.files)
+        for path, status in zip(args.files, statuses, strict=True):
+            text = "not sent" if status is None else f"0x{status:04X}"
+            print(f"{path}: {text}")
+        return 0 if all(is_success(s) for s in statuses) else 1
+    if args.command == "echo":
+        from scxnn_node.dicom.scu import Peer, echo
+
+        try:
+            destination = config.destination(args.destination)
+        except KeyError as exc:
+            print(f"scxnn-node: {exc.args[0]}", file=sys.stderr)
+            return 2
+        ok, message = echo(Peer.of(destination), config.node.ae_title)
+        print(
+            f"C-ECHO {destination.name} ({destination.ae_title}@{destination.host}:"
+            f"{destination.port}): {message}"
+        )
+        return 0 if ok else 1
+    db = Database(config.database.url)
+    db.create_schema()
+    if args.command == "status":
+        from scxnn_node.status import format_status, node_status
+
+        report = node_status(db)
+        print(json.dumps(report, indent=2) if args.json else format_status(report))
+        return 0
+    if args.command == "jobs":
+        if args.jobs_command == "list":
+            for job in _rows(config, Job, args.state, args.limit):
+                print(
+                    f"{job.id:>6}  {job.state:<8} attempts {job.attempts}  "
+                    f"study {short_hash(job.study_instance_uid)}  {job.last_error or ''}"
+                )
+            return 0
+        if args.id is None and not args.all_failed:
+            print("scxnn-node: jobs retry needs an ID or --all-failed", file=sys.stderr)
+            return 2
+        from scxnn_node.store.queue import JobQueue
+
+        print(f"{JobQueue(db, 'cli').retry(args.id)} job(s) back to ready")
+        return 0
+    if args.command == "deliveries":
+        if args.deliveries_command == "list":
+            for d in _rows(config, Delivery, args.state, args.limit):
+                print(
+                    f"{d.id:>6}  {d.state:<8} {d.destination:<12} {d.kind:<8} "
+                    f"attempts {d.attempts}  {d.last_error or ''}"
+                )
+            return 0
+        if args.id is None and not args.all_dead:
+            print("scxnn-node: deliveries retry needs an ID or --all-dead", file=sys.stderr)
+            return 2
+        from scxnn_node.dispatcher import Dispatcher
+        from scxnn_node.store.spool import Spool
+
+        dispatcher = Dispatcher(config, db, Spool(config.storage.spool_dir))
+        print(f"{dispatcher.retry(args.id, all_dead=args.all_dead)} delivery(ies) back to pending")
+        return 0
+    raise AssertionError(args.command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
     if args.command == "infer":
+        logging.basicConfig(level=args.log_level.upper())
         return _infer(args)
-    return _bundle(args)
+    if args.command == "bundle":
+        return _bundle(args)
+    if args.command == "check-config":
+        try:
+            config = load_config(args.file)
+        except ConfigError as exc:
+            print(f"scxnn-node: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"{args.file}: valid; {len(config.destinations)} destination(s), "
+            f"bundle {config.model.bundle}, database {config.database.url}"
+        )
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"scxnn-node: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.json_format)
+    return _operate(args, config)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from scxnn_node.model.engine import BACKENDS, PRECISIONS
 ENV_PREFIX = "SCXNN__"
 
 # Image storage SOP classes accepted by default: CR, DX (presentation and processing, all three
-# flavours), and Secondary Capture (real chest senders use it, see tests/data).
+# flavours), and Secondary Capture (real chest senders use it, see scxnn_node/samples).
 DEFAULT_SOP_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
     "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation

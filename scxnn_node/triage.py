@@ -30,6 +30,7 @@ class PreparedInstance:
     image: np.ndarray | None  # uint8 (size, size) when analysed
     skip_reason: str | None = None
     flags: tuple[str, ...] = ()
+    header: Dataset | None = None  # the instance's attributes without pixel data
 
     @property
     def analysed(self) -> bool:
@@ -50,7 +51,12 @@ def prepare_instance(
         return PreparedInstance(study, sop, None, eligibility.reason, eligibility.flags)
     decoded = decode_pixels(ds)
     return PreparedInstance(
-        study, sop, preprocess_image(decoded.pixels, spec), None, eligibility.flags
+        study,
+        sop,
+        preprocess_image(decoded.pixels, spec),
+        None,
+        eligibility.flags,
+        decoded.dataset,
     )
 
 

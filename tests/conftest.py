@@ -14,7 +14,7 @@ from scxnn_node.model.bundle import Manifest, OperatingPoint, TrainingData, writ
 from scxnn_node.model.member import MemberNet
 from training.second_stage_fit import fit_second_stage
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples"
 SMALL_FINDINGS = ("pneumothorax", "nodule", "cardiomegaly")
 
 

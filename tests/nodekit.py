@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,51 @@ def storescu(
             return run
     assert run is not None
     return run
+
+
+class Storescp:
+    """dcmtk storescp standing in for the PACS: receives into `directory`."""
+
+    def __init__(self, directory: Path, port: int | None = None, aet: str = "PACS") -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.aet = aet
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Storescp:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import time
+
+        for _ in range(100):  # wait until it listens
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError("storescp did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """Poll until predicate() is truthy; return its value or raise TimeoutError."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s")

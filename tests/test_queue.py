@@ -99,9 +99,7 @@ def test_three_worker_processes_never_share_a_job(tmp_path):
     _enqueue(db, 150)
     ctx = mp.get_context("spawn")
     outs = [tmp_path / f"w{i}.json" for i in range(3)]
-    procs = [
-        ctx.Process(target=_claim_all, args=(db.url, f"w{i}", str(outs[i]))) for i in range(3)
-    ]
+    procs = [ctx.Process(target=_claim_all, args=(db.url, f"w{i}", str(outs[i]))) for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -117,7 +115,8 @@ def test_three_worker_processes_never_share_a_job(tmp_path):
 
 def _record(db, sop, study, skip=None):
     return record_instance(
-        db, InstanceRecord(sop, study, "1.9", "1.2.840.10008.5.1.4.1.1.7", f"x/{sop}", 1, "PACS", skip)
+        db,
+        InstanceRecord(sop, study, "1.9", "1.2.840.10008.5.1.4.1.1.7", f"x/{sop}", 1, "PACS", skip),
     )
 
 
