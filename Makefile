@@ -1,7 +1,6 @@
-# make demo: set up, build the demo bundle if missing, triage the sample chest files.
+# make demo: set up, then run the whole node on loopback with the demo bundle (built if missing).
 # make test: set up, lint, run the test suite.
 VENV := .venv
-BUNDLE := var/bundles/demo
 
 .PHONY: setup demo test bench
 
@@ -11,9 +10,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
 demo: setup
-	test -f $(BUNDLE)/manifest.json || $(VENV)/bin/scxnn-train demo-bundle --out $(BUNDLE)
-	$(VENV)/bin/scxnn-node bundle verify $(BUNDLE)
-	$(VENV)/bin/scxnn-node infer tests/data/*.dcm --config config.yaml
+	$(VENV)/bin/scxnn-node demo --config config.yaml
 
 test: setup
 	$(VENV)/bin/ruff check scxnn_node training tests bench

@@ -34,3 +34,4 @@ def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
     # pynetdicom logs every PDU at INFO, with patient names in dataset dumps at DEBUG.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))  # logs UIDs

@@ -77,10 +77,13 @@ def send_files(
     for path in paths:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         headers.append(header)
-    contexts = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}
-    for sop_class in sorted({c for c, _ in contexts}):
-        own = sorted({ts for c, ts in contexts if c == sop_class})
-        ae.add_requested_context(sop_class, [*own, *[t for t in UNCOMPRESSED if t not in own]])
+    # One context per (SOP class, transfer syntax) sent as is, plus an uncompressed one per
+    # SOP class: an acceptor picks a single syntax per context.
+    pairs = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}
+    for sop_class, syntax in sorted(pairs):
+        ae.add_requested_context(sop_class, [syntax])
+    for sop_class in sorted({c for c, _ in pairs}):
+        ae.add_requested_context(sop_class, UNCOMPRESSED)
     assoc = _associate(ae, peer)
     if not assoc.is_established:
         return [None] * len(paths)

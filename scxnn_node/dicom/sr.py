@@ -8,7 +8,9 @@ Codes outside SNOMED CT / DCM use the private scheme 99SCXNN (documented in READ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import highdicom as hd
 from pydicom import config
@@ -60,6 +62,14 @@ def series_description(result: StudyResult, demo: bool) -> str:
     if demo:
         text = f"{text[:40]} [DEMO]" if len(text) > 40 else f"{text} [DEMO]"
     return text[:64]
+
+
+@contextmanager
+def without_name_warnings() -> Iterator[None]:
+    """highdicom warns about odd person names by quoting them: keep patient data out of logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _finding_code(code_value: str, scheme: str, meaning: str) -> Code:
@@ -171,20 +181,21 @@ def build_triage_sr(
             :64
         ],
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(sources),
-        content=report,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-        contributing_equipment=[equipment],
-    )
+    with without_name_warnings():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=list(sources),
+            content=report,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            previous_versions=[predecessor] if predecessor is not None else None,
+            contributing_equipment=[equipment],
+        )
     sr.SeriesDescription = series_description(result, demo)
     charset = sources[0].get("SpecificCharacterSet")
     if charset:

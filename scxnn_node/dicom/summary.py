@@ -12,7 +12,12 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from scxnn_node import __version__
-from scxnn_node.dicom.sr import MANUFACTURER, sanitised_evidence, series_description
+from scxnn_node.dicom.sr import (
+    MANUFACTURER,
+    sanitised_evidence,
+    series_description,
+    without_name_warnings,
+)
 from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE
 from scxnn_node.model.result import StudyResult, Verdict
 
@@ -67,27 +72,28 @@ def build_summary_image(
 ) -> hd.sc.SCImage:
     """Secondary Capture in the source's study, with the verdict in its Series Description."""
     pixels = render_summary(result, image)
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=sanitised_evidence(source),
-        pixel_array=pixels,
-        photometric_interpretation="MONOCHROME2",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        patient_orientation=("L", "F"),
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name=f"{result.bundle.name} {result.bundle.version}"[:64],
-                software_versions=[__version__, result.bundle.version],
-            )
-        ],
-    )
+    with without_name_warnings():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=sanitised_evidence(source),
+            pixel_array=pixels,
+            photometric_interpretation="MONOCHROME2",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            patient_orientation=("L", "F"),
+            contributing_equipment=[
+                hd.ContributingEquipment(
+                    manufacturer=MANUFACTURER,
+                    purpose_of_reference=codes.DCM.ProcessingEquipment,
+                    manufacturer_model_name=f"{result.bundle.name} {result.bundle.version}"[:64],
+                    software_versions=[__version__, result.bundle.version],
+                )
+            ],
+        )
     sc.SeriesDescription = series_description(result, result.bundle.demo)
     sc.BurnedInAnnotation = "YES"
     sc.Laterality = None  # Type 2C in General Series: present and empty (both sides imaged)
