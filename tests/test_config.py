@@ -103,3 +103,11 @@ def test_check_config_command(tmp_path):
         timeout=60,
     )
     assert run.returncode == 1 and "storage.spool: unknown key" in run.stderr
+
+
+def test_production_example_is_valid():
+    production = EXAMPLE.parent / "deploy" / "production-config.yaml"
+    config = load_config(production, environ={})
+    assert config.database.url.startswith("postgresql")
+    assert [d.name for d in config.destinations] == ["pacs", "worklist"]
+    assert config.allowed_callers[0].host == "10.20.0.15"
