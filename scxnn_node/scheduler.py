@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.dispatcher import Dispatcher
@@ -100,9 +100,12 @@ class NodeScheduler:
             session.execute(
                 delete(Event).where(Event.at < utc_now() - timedelta(days=EVENT_RETENTION_DAYS))
             )
-        if self.db.is_sqlite:
-            with self.db.engine.connect() as conn:
-                conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        if self.db.is_sqlite:  # outside any transaction: the driver connection autocommits
+            raw = self.db.engine.raw_connection()
+            try:
+                raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
 
     def start(self) -> None:
         s = self.config.scheduler

@@ -46,7 +46,7 @@ class Peer:
 
 def _associate(ae: AE, peer: Peer) -> Association:
     context = client_ssl_context(peer.tls)
-    tls_args = (context, "") if context is not None else None
+    tls_args = (context, peer.host) if context is not None else None
     return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
 
 
