@@ -1,6 +1,7 @@
 """End-to-end latency and throughput: C-STORE in, SR received by a PACS stand-in (storescp).
 
     .venv/bin/python bench/e2e.py --bundle var/bundles/demo --studies 40
+    .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 6 --latency-studies 2
 
 Part 1, latency: studies sent one at a time, each waited for; p50/p95 of C-STORE sent -> SR
 received (quiet_seconds = 0, so the figure is the node's own delay plus inference).
@@ -28,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from nodekit import Storescp, node_config, storescu
 
+from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.node import Node
 from scxnn_node.triage import prepare_instance
+from training.untrained import untrained_bundle
 
 SAMPLE = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples" / "nih_dx_no_finding.dcm"
 
@@ -77,8 +80,13 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=40)
     parser.add_argument("--latency-studies", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--untrained", metavar="ARCH", help="use untrained members of ARCH instead")
+    parser.add_argument("--size", type=int, default=1024, help="input size with --untrained")
     args = parser.parse_args()
+    configure_logging("WARNING")
     root = Path(tempfile.mkdtemp(prefix="scxnn-e2e-"))
+    if args.untrained:
+        args.bundle = untrained_bundle(args.untrained, args.size, out=root / "bundle").path
     pacs = Storescp(root / "pacs").start()
     config = node_config(
         root / "node",

@@ -26,35 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.findings import THESIS_CATALOGUE
-from scxnn_node.imaging.preprocess import PreprocessSpec
-from scxnn_node.model.bundle import Bundle, Manifest, OperatingPoint, TrainingData
 from scxnn_node.model.engine import BACKENDS, EngineOptions, InferenceEngine
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.member import MemberNet
-from training.second_stage_fit import fit_second_stage
-
-
-def random_bundle(arch: str, size: int, members: int) -> Bundle:
-    catalogue = THESIS_CATALOGUE.subset(THESIS_CATALOGUE.names[:members])
-    weights = {
-        name: MemberNet(arch, with_decoder=False).inference_state_dict() for name in catalogue.names
-    }
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(60, 3 * members))
-    stage = fit_second_stage(logits, (logits[:, 1] > 0).astype(int))
-    manifest = Manifest(
-        name="bench",
-        version="0.0.0",
-        created="2026-01-01T00:00:00Z",
-        demo=True,
-        intended_use="benchmark",
-        findings=catalogue,
-        preprocessing=PreprocessSpec(size=size),
-        architecture=arch,
-        operating_point=OperatingPoint(0.99, 0.0),
-        training_data=TrainingData("none", "0" * 64),
-    )
-    return Bundle(Path("<memory>"), manifest, stage, weights)
+from training.untrained import untrained_bundle
 
 
 def seconds_per_call(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -136,7 +111,7 @@ def main() -> None:
             line += f"  {100 * flops / secs / 1e9 / peak:5.1f}% of peak"
         print(line)
 
-    bundle = random_bundle(args.arch, args.size, args.members)
+    bundle = untrained_bundle(args.arch, args.size, THESIS_CATALOGUE.names[: args.members])
     engine = InferenceEngine(
         bundle,
         EngineOptions(

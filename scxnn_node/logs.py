@@ -33,5 +33,6 @@ def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at INFO, with patient names in dataset dumps at DEBUG.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # A task still running at its next interval is skipped and retried: not worth a warning.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))  # logs UIDs
