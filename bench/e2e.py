@@ -1,7 +1,8 @@
 """End-to-end latency and throughput: C-STORE in, SR received by a PACS stand-in (storescp).
 
     .venv/bin/python bench/e2e.py --bundle var/bundles/demo --studies 40
-    .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 6 --latency-studies 2
+    .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 6 \
+        --latency-studies 2
 
 Part 1, latency: studies sent one at a time, each waited for; p50/p95 of C-STORE sent -> SR
 received (quiet_seconds = 0, so the figure is the node's own delay plus inference).
