@@ -155,8 +155,8 @@ def main() -> None:
         f"p50 {statistics.median(latencies):.2f} s, p95 {q[18]:.2f} s"
     )
     print(
-        f"saturated queue, {len(burst)} studies: end to end {e2e:.2f} studies/s; "
-        f"bare engine (decode + preprocess + ensemble) {bare:.2f} studies/s; "
+        f"saturated queue, {len(burst)} studies: end to end {e2e:.4f} studies/s; "
+        f"bare engine (decode + preprocess + ensemble) {bare:.4f} studies/s; "
         f"node overhead {100 * (1 - e2e / bare):.1f}%"
     )
 
