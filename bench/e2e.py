@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from nodekit import Storescp, node_config, storescu
+from nodekit import Storescp, node_config, sample_copies, storescu
 
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
@@ -36,23 +35,6 @@ from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.node import Node
 from scxnn_node.triage import prepare_instance
 from training.untrained import untrained_bundle
-
-SAMPLE = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples" / "nih_dx_no_finding.dcm"
-
-
-def make_studies(directory: Path, count: int) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(SAMPLE)
-    files = []
-    for i in range(count):
-        template.StudyInstanceUID = generate_uid()
-        template.SOPInstanceUID = generate_uid()
-        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
-        path = directory / f"{i:05d}.dcm"
-        template.save_as(path)
-        files.append(path)
-    return files
-
 
 _seen: dict[Path, tuple[str, float]] = {}
 
@@ -113,10 +95,10 @@ def main() -> None:
     node = Node(config)
     node.start()
     try:
-        warm = make_studies(root / "warm", 1)
+        warm = sample_copies(root / "warm", 1)
         storescu(config.node.port, *warm)
         wait_for_srs(pacs, 1, 300)  # worker started and warmed up
-        latency_files = make_studies(root / "latency", args.latency_studies)
+        latency_files = sample_copies(root / "latency", args.latency_studies)
         latencies = []
         for f in latency_files:
             before = len(sr_studies(pacs))
@@ -125,7 +107,7 @@ def main() -> None:
             arrived = wait_for_srs(pacs, before + 1, 300)
             study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
             latencies.append(arrived[study] - sent)
-        burst = make_studies(root / "burst", args.studies)
+        burst = sample_copies(root / "burst", args.studies)
         before = len(sr_studies(pacs))
         start = time.time()
         storescu(config.node.port, *burst)

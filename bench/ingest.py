@@ -21,33 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from nodekit import free_port, node_config
-
-SAMPLE = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples" / "nih_dx_no_finding.dcm"
-
-
-def make_files(directory: Path, count: int) -> list[Path]:
-    """`count` copies of a real 1 MB chest DX, each a new instance (8 per study)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(SAMPLE)
-    files = []
-    study = generate_uid()
-    for i in range(count):
-        if i % 8 == 0:
-            study = generate_uid()
-        template.StudyInstanceUID = study
-        template.SOPInstanceUID = generate_uid()
-        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
-        path = directory / f"{i:05d}.dcm"
-        template.save_as(path)
-        files.append(path)
-    return files
+from nodekit import free_port, node_config, sample_copies
 
 
 def run_node_scp(workdir: str, port: int, ready: mp.Event, stop: mp.Event) -> None:
@@ -105,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="scxnn-ingest-"))
     try:
-        files = make_files(root / "files", args.files)
+        files = sample_copies(root / "files", args.files, per_study=8)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         print(f"{len(files)} files, {megabytes:.0f} MB (real 1024x1024 DX, implicit VR)")
         results: dict[tuple[str, int], float] = {}
