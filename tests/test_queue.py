@@ -62,12 +62,12 @@ def test_claim_complete_fail_and_retry(tmp_path):
 def test_expired_lease_is_recovered_and_heartbeat_extends(tmp_path):
     db = _db(tmp_path)
     _enqueue(db, 2)
-    short = JobQueue(db, "dead-worker", lease_seconds=0.2)
+    short = JobQueue(db, "dead-worker", lease_seconds=1.0)
     first = short.claim_ready_job()
     second = short.claim_ready_job()
-    time.sleep(0.1)
-    assert short.heartbeat(second.id)  # keeps the second alive a while longer
-    time.sleep(0.15)
+    time.sleep(0.5)
+    assert short.heartbeat(second.id)  # keeps the second alive until 1.0 s from now
+    time.sleep(0.7)  # the first's lease has expired, the second's has 0.3 s left
     assert short.recover_expired_leases() == 1
     other = JobQueue(db, "live-worker")
     again = other.claim_ready_job()
