@@ -98,11 +98,12 @@ def test_status_jobs_and_deliveries(tmp_path):
         assert delivery.state == "pending" and delivery.attempts == 0
 
 
-def test_echo_and_send(tmp_path):
+def test_echo_and_send(tmp_path, small_bundle_dir):
     pacs = Storescp(tmp_path / "pacs").start()
     config = node_config(
         tmp_path,
         allowed_callers=None,
+        model={"bundle": str(small_bundle_dir)},
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
     )
     path = _write(config, tmp_path / "c.yaml")
