@@ -1,5 +1,5 @@
 # make demo: set up, then run the whole node on loopback with the demo bundle (built if missing).
-# make test: set up, lint, run the test suite.
+# make test: set up, lint, start a throwaway PostgreSQL, run the test suite.
 VENV := .venv
 
 .PHONY: setup demo test bench
@@ -14,7 +14,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check scxnn_node training tests bench
-	$(VENV)/bin/python -m pytest -q
+	SCXNN_TEST_POSTGRES_URL=$$(bash scripts/postgres.sh) $(VENV)/bin/python -m pytest -q
 
 bench: setup
 	$(VENV)/bin/python bench/inference.py

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the node, its tests and benchmarks need: Debian packages (dcmtk for the
-# DICOM peers and encoders, dicom3tools for dciodvfy) and a virtual environment in .venv.
+# DICOM peers and encoders, dicom3tools for dciodvfy, postgresql for the PostgreSQL tests,
+# openssl for the TLS tests) and a virtual environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dcmtk dicom3tools)
+apt_packages=(dcmtk dicom3tools postgresql openssl)
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 missing=()
 for pkg in "${apt_packages[@]}"; do

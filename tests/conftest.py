@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,3 +55,31 @@ def demo_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert code == 0
     return out
+
+
+def _postgres_admin_url() -> str:
+    url = os.environ.get("SCXNN_TEST_POSTGRES_URL")
+    if not url:
+        pytest.fail(
+            "SCXNN_TEST_POSTGRES_URL is not set: run the tests with `make test` (it starts a "
+            "throwaway PostgreSQL with scripts/postgres.sh) or point it at a server"
+        )
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each supported kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    import psycopg
+
+    admin = _postgres_admin_url()
+    name = f"scxnn_test_{uuid.uuid4().hex[:12]}"
+    plain = admin.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -20,9 +20,10 @@ from scxnn_node.node import Node
 from scxnn_node.store.models import Delivery, Job, Result
 
 
-def _config(tmp_path: Path, bundle: Path, pacs_port: int, **extra):
+def _config(tmp_path: Path, bundle: Path, pacs_port: int, url: str | None = None, **extra):
     return node_config(
         tmp_path,
+        database={"url": url or f"sqlite:///{tmp_path / 'node.db'}"},
         model={"bundle": str(bundle)},
         destinations=[
             {
@@ -64,8 +65,10 @@ def pacs(tmp_path):
     receiver.stop()
 
 
-def test_pacs_gets_sr_and_summary_for_every_chest_study(tmp_path, demo_bundle_dir, pacs):
-    config = _config(tmp_path, demo_bundle_dir, pacs.port)
+def test_pacs_gets_sr_and_summary_for_every_chest_study(
+    tmp_path, demo_bundle_dir, pacs, database_url
+):
+    config = _config(tmp_path, demo_bundle_dir, pacs.port, database_url)
     node = Node(config)
     node.start()
     try:

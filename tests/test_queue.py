@@ -1,4 +1,5 @@
-"""The job queue on a real SQLite file: leases, retries, and no job handed out twice."""
+"""The job queue on a real SQLite file and a real PostgreSQL server: leases, retries, and no
+job handed out twice."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import multiprocessing as mp
 import time
 
+import pytest
 from sqlalchemy import select
 
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
@@ -14,10 +16,13 @@ from scxnn_node.store.models import Job, Study
 from scxnn_node.store.queue import JobQueue
 
 
-def _db(tmp_path) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'q.db'}")
-    db.create_schema()
-    return db
+@pytest.fixture
+def db(database_url) -> Database:
+    """An empty node database: SQLite file or PostgreSQL (every test runs on both)."""
+    database = Database(database_url)
+    database.create_schema()
+    yield database
+    database.dispose()
 
 
 def _enqueue(db, n: int) -> None:
@@ -26,8 +31,7 @@ def _enqueue(db, n: int) -> None:
             assert JobQueue.enqueue(s, f"1.2.{i}", [f"1.2.{i}.1"], "1.0.0") is not None
 
 
-def test_enqueue_is_idempotent_per_input(tmp_path):
-    db = _db(tmp_path)
+def test_enqueue_is_idempotent_per_input(db):
     with db.session() as s:
         assert JobQueue.enqueue(s, "1.2", ["b", "a"], "1.0.0") is not None
         assert JobQueue.enqueue(s, "1.2", ["a", "b", "a"], "1.0.0") is None  # same set
@@ -35,8 +39,7 @@ def test_enqueue_is_idempotent_per_input(tmp_path):
         assert JobQueue.enqueue(s, "1.2", ["a", "b", "c"], "1.0.0") is not None  # new instance
 
 
-def test_claim_complete_fail_and_retry(tmp_path):
-    db = _db(tmp_path)
+def test_claim_complete_fail_and_retry(db):
     _enqueue(db, 1)
     queue = JobQueue(db, "w1", lease_seconds=60, max_attempts=2)
     job = queue.claim_ready_job()
@@ -59,8 +62,7 @@ def test_claim_complete_fail_and_retry(tmp_path):
         assert s.get(Job, job.id).state == "done"
 
 
-def test_expired_lease_is_recovered_and_heartbeat_extends(tmp_path):
-    db = _db(tmp_path)
+def test_expired_lease_is_recovered_and_heartbeat_extends(db):
     _enqueue(db, 2)
     short = JobQueue(db, "dead-worker", lease_seconds=1.0)
     first = short.claim_ready_job()
@@ -94,8 +96,7 @@ def _claim_all(url: str, owner: str, out: str) -> None:
         json.dump(claimed, fh)
 
 
-def test_three_worker_processes_never_share_a_job(tmp_path):
-    db = _db(tmp_path)
+def test_three_worker_processes_never_share_a_job(db, tmp_path):
     _enqueue(db, 150)
     ctx = mp.get_context("spawn")
     outs = [tmp_path / f"w{i}.json" for i in range(3)]
@@ -120,8 +121,7 @@ def _record(db, sop, study, skip=None):
     )
 
 
-def test_study_becomes_a_job_after_quiet_seconds(tmp_path):
-    db = _db(tmp_path)
+def test_study_becomes_a_job_after_quiet_seconds(db):
     assert _record(db, "1.1.1", "1.1")
     assert _record(db, "1.1.2", "1.1")
     assert not _record(db, "1.1.2", "1.1")  # duplicate

@@ -26,14 +26,28 @@ from scxnn_node.store.models import Instance, Study
 from scxnn_node.store.spool import Spool
 
 
-@pytest.fixture
-def node(tmp_path):
-    config = node_config(tmp_path)
+def _start(tmp_path, url):
+    config = node_config(tmp_path, database={"url": url})
     db = Database(config.database.url, busy_timeout_s=1.0)
     db.create_schema()
     spool = Spool(config.storage.spool_dir)
     scp = StoreScp(config, IngestService(config, db, spool))
     scp.start()
+    return config, db, spool, scp
+
+
+@pytest.fixture
+def node(tmp_path, database_url):
+    """The SCP on each database kind."""
+    config, db, spool, scp = _start(tmp_path, database_url)
+    yield config, db, spool
+    scp.shutdown()
+    db.dispose()
+
+
+@pytest.fixture
+def sqlite_node(tmp_path):
+    config, db, spool, scp = _start(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
     yield config, db, spool
     scp.shutdown()
     db.dispose()
@@ -155,8 +169,8 @@ def test_low_disk_answers_out_of_resources(tmp_path):
         scp.shutdown()
 
 
-def test_database_unavailable_answers_out_of_resources(node):
-    config, _, _ = node
+def test_database_unavailable_answers_out_of_resources(sqlite_node):
+    config, _, _ = sqlite_node
     path = config.database.url.removeprefix("sqlite:///")
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database
