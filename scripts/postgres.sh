@@ -11,14 +11,18 @@ if [ "${1:-}" = "stop" ]; then
   as_postgres "$bin/pg_ctl" -D "$dir" -m fast stop >/dev/null 2>&1 || true
   exit 0
 fi
-if ! as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
-  if [ ! -f "$dir/PG_VERSION" ]; then
-    rm -rf "$dir"
-    mkdir -p "$dir"
-    [ "$(id -u)" -eq 0 ] && chown postgres "$dir"
-    as_postgres "$bin/initdb" -D "$dir" -A trust -U postgres >/dev/null
-  fi
+fresh_cluster() {
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  if [ "$(id -u)" -eq 0 ]; then chown postgres "$dir"; fi
+  as_postgres "$bin/initdb" -D "$dir" -A trust -U postgres >/dev/null
+}
+start() {
   as_postgres "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w \
     -o "-p $port -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+}
+if ! as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+  [ -f "$dir/PG_VERSION" ] || fresh_cluster
+  start || { fresh_cluster; start; }  # a cluster left by a killed run: start over
 fi
 echo "postgresql+psycopg://postgres@127.0.0.1:$port/postgres"
