@@ -21,7 +21,8 @@ start() {
   as_postgres "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w \
     -o "-p $port -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
 }
-if ! as_postgres "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+if ! "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+  as_postgres "$bin/pg_ctl" -D "$dir" -m immediate stop >/dev/null 2>&1 || true
   [ -f "$dir/PG_VERSION" ] || fresh_cluster
   start || { fresh_cluster; start; }  # a cluster left by a killed run: start over
 fi
