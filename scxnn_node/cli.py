@@ -234,10 +234,9 @@ def _worker(config: NodeConfig, device: str | None) -> int:
     return 0
 
 
-def _rows(config: NodeConfig, model: type, state: str | None, limit: int) -> list:
+def _rows(db: Database, model: type, state: str | None, limit: int) -> list:
     from sqlalchemy import select
 
-    db = Database(config.database.url)
     with db.session() as session:
         stmt = select(model).order_by(model.id.desc()).limit(limit)
         if state:
@@ -293,7 +292,7 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         return 0
     if args.command == "jobs":
         if args.jobs_command == "list":
-            for job in _rows(config, Job, args.state, args.limit):
+            for job in _rows(db, Job, args.state, args.limit):
                 print(
                     f"{job.id:>6}  {job.state:<8} attempts {job.attempts}  "
                     f"study {short_hash(job.study_instance_uid)}  {job.last_error or ''}"
@@ -308,7 +307,7 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         return 0
     if args.command == "deliveries":
         if args.deliveries_command == "list":
-            for d in _rows(config, Delivery, args.state, args.limit):
+            for d in _rows(db, Delivery, args.state, args.limit):
                 print(
                     f"{d.id:>6}  {d.state:<8} {d.destination:<12} {d.kind:<8} "
                     f"attempts {d.attempts}  {d.last_error or ''}"

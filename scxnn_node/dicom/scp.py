@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scxnn_node.config import NodeConfig, TlsSection
 from scxnn_node.imaging.selection import assess_eligibility
-from scxnn_node.store.assembly import InstanceRecord, instance_known, record_instance
+from scxnn_node.store.assembly import InstanceRecord, record_instance
 from scxnn_node.store.db import Database, short_hash
 from scxnn_node.store.spool import Spool
 
@@ -82,15 +82,13 @@ class IngestService:
             )
             return CANNOT_UNDERSTAND
         try:
-            if instance_known(self.db, sop_uid):
-                log.info(
-                    "duplicate instance %s from %s: already stored", short_hash(sop_uid), calling_ae
-                )
-                return SUCCESS
             skip_reason = self.filter_reason(header)
             rel = self.spool.instance_path(study_uid, sop_uid)
-            self.spool.write_durably(rel, chunks)
-            record_instance(
+            # The path is fixed per SOP instance and appears only by atomic rename: a file
+            # already there is this instance, complete (a re-send, or a crash before commit).
+            if not self.spool.absolute(rel).is_file():
+                self.spool.write_durably(rel, chunks)
+            new = record_instance(
                 self.db,
                 InstanceRecord(
                     sop_instance_uid=sop_uid,
@@ -106,7 +104,11 @@ class IngestService:
         except Exception as exc:  # disk or database: the sender must retry
             log.error("C-STORE of %s not stored (%s); answered 0xA700", short_hash(sop_uid), exc)
             return OUT_OF_RESOURCES
-        if skip_reason:
+        if not new:
+            log.info(
+                "duplicate instance %s from %s: already stored", short_hash(sop_uid), calling_ae
+            )
+        elif skip_reason:
             log.info("instance %s skipped: %s", short_hash(sop_uid), skip_reason)
         else:
             log.info("instance %s of study %s stored", short_hash(sop_uid), short_hash(study_uid))

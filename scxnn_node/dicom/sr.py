@@ -42,7 +42,6 @@ RISK_TIER = Code("SCXNN-RISK-TIER", PRIVATE_SCHEME, "Risk tier")
 ABNORMALITY_SCORE = Code("SCXNN-SCORE", PRIVATE_SCHEME, "Abnormality score")
 OPERATING_THRESHOLD = Code("SCXNN-THRESHOLD", PRIVATE_SCHEME, "Operating threshold")
 OTHER_DISEASE = Code("SCXNN-OTHER-DISEASE", PRIVATE_SCHEME, "Other disease")
-TARGET_PROBABILITY = "probability"
 
 
 def tier_code(tier: str) -> Code:
@@ -70,10 +69,6 @@ def without_name_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
-
-
-def _finding_code(code_value: str, scheme: str, meaning: str) -> Code:
-    return Code(code_value, scheme, meaning)
 
 
 # Patient and study attributes an SR copies from its evidence (Type 2: present, maybe empty).
@@ -141,7 +136,7 @@ def build_triage_sr(
         hd.sr.Measurement(OPERATING_THRESHOLD, float(result.threshold or 0.0), UNITLESS),
     ]
     for finding in result.findings:
-        code = _finding_code(*finding_codes[finding.name])
+        code = Code(*finding_codes[finding.name])
         value = {MemberCall.TARGET: PRESENT, MemberCall.NORMAL: ABSENT}.get(
             finding.call, OTHER_DISEASE
         )

@@ -24,11 +24,6 @@ class InstanceRecord:
     skip_reason: str | None = None  # set: recorded as skipped, never analysed
 
 
-def instance_known(db: Database, sop_instance_uid: str) -> bool:
-    with db.session() as session:
-        return session.get(Instance, sop_instance_uid) is not None
-
-
 def record_instance(db: Database, record: InstanceRecord) -> bool:
     """Commit an instance row (and touch its study); False if the SOP instance was known."""
     now = utc_now()

@@ -14,10 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from scxnn_node.store.models import SCHEMA_VERSION, Base, Event, SchemaInfo
 
 
-class DatabaseUnavailable(Exception):
-    """The database cannot be reached or written (the SCP answers 0xA700)."""
-
-
 class SchemaMismatch(Exception):
     """The database was made by another schema version."""
 
