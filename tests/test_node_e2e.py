@@ -143,8 +143,14 @@ def test_destination_down_gets_its_sr_when_back(tmp_path, demo_bundle_dir):
         wait_for(failed_attempts, 120)
         pacs.start()
         wait_for(lambda: len(pacs.received()) >= 2, 60)
-        with node.db.session() as s:
-            assert {r.state for r in s.execute(select(Delivery)).scalars()} == {"sent"}
+
+        def delivery_states():
+            with node.db.session() as s:
+                return {r.state for r in s.execute(select(Delivery)).scalars()}
+
+        # The files land at the PACS just before the dispatcher commits their state.
+        wait_for(lambda: delivery_states() == {"sent"}, 10)
+        assert delivery_states() == {"sent"}
     finally:
         node.stop()
         pacs.stop()
