@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,7 @@ from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, Sele
 from scxnn_node.model.engine import BACKENDS, PRECISIONS
 
 ENV_PREFIX = "SCXNN__"
+_M = TypeVar("_M", bound="BaseModel")
 
 # Image storage SOP classes accepted by default: CR, DX (presentation and processing, all three
 # flavours), and Secondary Capture (real chest senders use it, see scxnn_node/samples).
@@ -215,23 +216,24 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return raw
 
 
-def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
-    """Read and validate a config file (None: defaults), then apply SCXNN__ overrides."""
-    label = str(path) if path is not None else "(defaults)"
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = _apply_env(raw, os.environ if environ is None else environ)
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError names the file otherwise."""
+    path = Path(path)
     try:
-        return NodeConfig.model_validate(raw)
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def validated(model: type[_M], raw: dict[str, Any], label: str) -> _M:
+    """Validate raw config data; ConfigError lists every bad key as section.key: reason."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -239,3 +241,11 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {message}")
         raise ConfigError(f"{label}: " + "; ".join(problems)) from None
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read and validate a config file (None: defaults), then apply SCXNN__ overrides."""
+    label = str(path) if path is not None else "(defaults)"
+    raw: Any = read_yaml_mapping(path) if path is not None else {}
+    raw = _apply_env(raw, os.environ if environ is None else environ)
+    return validated(NodeConfig, raw, label)

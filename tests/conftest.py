@@ -40,15 +40,12 @@ def demo_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [
             "--log-level",
             "WARNING",
+            "--no-progress",
             "demo-bundle",
             "--out",
             str(out),
-            "--size",
-            "64",
-            "--train-count",
-            "40",
-            "--val-count",
-            "30",
+            "--count",
+            "60",
             "--epochs",
             "1",
         ]

@@ -6,11 +6,17 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from scxnn_node.model.second_stage import SvmSecondStage
-from training.second_stage_fit import choose_operating_point, fit_second_stage
+from training.second_stage_fit import (
+    choose_operating_point,
+    fit_second_stage,
+    min_abnormal_for_guarantee,
+    np_order_statistic,
+)
 
 
 def _data(seed=0, n=120):
@@ -65,18 +71,44 @@ def test_validation_names_the_field():
     assert json.loads(json.dumps(data)) == data  # plain numbers only
 
 
-def test_operating_point_reaches_target_sensitivity():
+def test_operating_point_reaches_target_sensitivity_with_guarantee():
     rng = np.random.default_rng(3)
-    scores = np.concatenate([rng.normal(1, 1, 400), rng.normal(-1, 1, 300)])
-    abnormal = np.concatenate([np.ones(400), np.zeros(300)]).astype(int)
-    op = choose_operating_point(scores, abnormal, 0.99)
-    sens = (scores[abnormal == 1] >= op.threshold).mean()
+    scores = np.concatenate([rng.normal(1, 1, 1000), rng.normal(-1, 1, 300)])
+    abnormal = np.concatenate([np.ones(1000), np.zeros(300)]).astype(int)
+    op = choose_operating_point(scores, abnormal, 0.99, confidence=0.95)
+    positives = np.sort(scores[abnormal == 1])
+    sens = (positives >= op.threshold).mean()
     assert sens >= 0.99
-    # It is the highest such threshold: one step up would miss more than 1 %.
-    above = np.sort(scores[abnormal == 1])
-    higher = above[above > op.threshold][0]
-    assert (scores[abnormal == 1] >= higher).mean() < 0.99
+    # Hand check of the order statistic: the largest k with P(Bin(1000, 0.01) <= k-1) <= 0.05.
+    k = max(k for k in range(1, 1001) if binom.cdf(k - 1, 1000, 0.01) <= 0.05)
+    assert op.validation["order_statistic_k"] == k == 5
+    assert op.threshold == positives[k - 1]
+    assert op.validation["guarantee_met"] is True
+    assert op.validation["miss_rate_upper_bound"] <= 0.01
+    assert op.validation["confidence_miss_rate_within_target"] >= 0.95
     assert op.validation["sensitivity"] == pytest.approx(sens)
     assert op.validation["specificity"] == pytest.approx(
         (scores[abnormal == 0] < op.threshold).mean()
     )
+
+
+def test_neyman_pearson_needs_299_abnormal_cases_for_one_percent():
+    assert min_abnormal_for_guarantee(0.01, 0.95) == 299
+    assert np_order_statistic(298, 0.01, 0.95) is None
+    assert np_order_statistic(299, 0.01, 0.95) == 1
+
+
+def test_operating_point_with_too_few_abnormal_cases_warns_and_records(caplog):
+    rng = np.random.default_rng(4)
+    scores = np.concatenate([rng.normal(1, 1, 100), rng.normal(-1, 1, 50)])
+    abnormal = np.concatenate([np.ones(100), np.zeros(50)]).astype(int)
+    with caplog.at_level("WARNING"):
+        op = choose_operating_point(scores, abnormal, 0.99)
+    assert "needs 299" in caplog.text
+    v = op.validation
+    assert v["guarantee_met"] is False and v["order_statistic_k"] == 1
+    assert op.threshold == scores[abnormal == 1].min()
+    assert v["sensitivity"] == 1.0  # no validation miss
+    # k = 1: the miss rate is Beta(1, n): bound 1 - 0.05^(1/n), confidence 1 - 0.99^n.
+    assert v["miss_rate_upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 100))
+    assert v["confidence_miss_rate_within_target"] == pytest.approx(1 - 0.99**100)

@@ -1,51 +1,253 @@
-"""Training pieces: labels, reconstruction targets, loss, synthetic data, one real member."""
+"""The training loop's pieces: labels, dilation, augmentation, loss, stages, resume, learning."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+from typing import Any
+
+import cv2
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from scxnn_node.findings import THESIS_CATALOGUE
+from training.augment import AugmentSpec, augment_pair
+from training.config import TrainingConfig, training_config_from
+from training.dataset import ManifestEntry
+from training.fit import PreparedData, prepare_run
 from training.member_training import (
+    METRICS_FILE,
     NORMAL,
     OTHERS,
     TARGET,
-    MemberTrainingSettings,
+    MemberTrainer,
+    TrainingInterrupted,
+    build_plans,
     dilate_mask,
-    member_class_labels,
-    member_logits,
+    member_class,
+    member_logits_on,
     multitask_loss,
-    reconstruction_targets,
-    train_member,
+    reconstruction_target,
 )
-from training.synthetic import synthesise_cases
+from training.metrics import safe_auc, softmax
+from training.synthetic import synthesise_cases, write_synthetic_dataset
+
+FINDINGS = ["pneumothorax", "nodule", "cardiomegaly"]
 
 
-def test_member_class_labels():
-    labels = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
-    assert member_class_labels(labels, 0).tolist() == [NORMAL, TARGET, OTHERS, TARGET, OTHERS]
-    assert member_class_labels(labels, 2).tolist() == [NORMAL, OTHERS, OTHERS, OTHERS, TARGET]
+def small_config(**overrides: Any) -> TrainingConfig:
+    data: dict[str, Any] = {
+        "name": "test-run",
+        "demo": True,
+        "findings": FINDINGS,
+        "architecture": "densenet_small",
+        "preprocess_workers": 1,
+        "preprocessing": {"size": 32, "clahe_tile_grid": 2},
+        "split": {"fractions": [0.6, 0.25, 0.15]},
+        "training": {
+            "batch_size": 8,
+            "num_workers": 0,
+            "device": "cpu",
+            "mask_dilation_px": 1,
+            "hard": {"max_epochs": 2},
+            "weak": {"max_epochs": 1},
+        },
+        "second_stage": {"target_sensitivity": 0.9},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            sub, _, leaf2 = leaf.partition("__")
+            if leaf2:
+                data[section].setdefault(sub, {})[leaf2] = value
+            else:
+                data[section][sub] = value
+        else:
+            data[key] = value
+    return training_config_from(data)
 
 
-def test_reconstruction_target_is_image_inside_dilated_mask():
-    images = np.full((2, 20, 20), 200, np.uint8)
-    masks = np.zeros((2, 20, 20), np.uint8)
-    masks[0, 10, 10] = 1
-    target = reconstruction_targets(images, masks, dilation_px=2)
-    assert target[1].sum() == 0  # finding absent: zeros
-    region = target[0] > 0
-    assert region.sum() == dilate_mask(masks[0], 2).sum() > 1
-    assert np.allclose(target[0][region], 200 / 255)
+@pytest.fixture(scope="module")
+def synthetic_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_dataset(out, 48, 64, seed=2, findings=FINDINGS, weak_fraction=0.3)
 
 
-def test_loss_is_ce_plus_lambda_mse():
+def prepared(config: TrainingConfig, manifest: Path, run: Path) -> PreparedData:
+    return prepare_run(config, manifest, run, progress=False)
+
+
+def _entry(labels: dict[str, int | None], other: str = "") -> ManifestEntry:
+    return ManifestEntry(2, Path("x.png"), "p", "hard", "train", labels, {}, other)
+
+
+def test_member_class_from_labels():
+    assert member_class(_entry({"a": 0, "b": 0}), "a") == NORMAL
+    assert member_class(_entry({"a": 1, "b": None}), "a") == TARGET
+    assert member_class(_entry({"a": 0, "b": 1}), "a") == OTHERS
+    assert member_class(_entry({"a": 0, "b": 0}, other="pneumonia"), "a") == OTHERS
+    assert member_class(_entry({"a": None, "b": 0}), "a") is None  # own finding unknown
+    assert member_class(_entry({"a": 0, "b": None}), "a") is None  # normal or others?
+
+
+def test_dilation_and_reconstruction_target():
+    mask = np.zeros((21, 21), np.uint8)
+    mask[10, 10] = 1
+    assert dilate_mask(mask, 0).sum() == 1
+    grown = dilate_mask(mask, 3)
+    assert grown[10, 7] == 1 and grown[10, 13] == 1 and grown[10, 14] == 0  # radius 3
+    assert grown[7, 7] == 0  # elliptical, not square
+    image = np.full((21, 21), 204, np.uint8)
+    target = reconstruction_target(image, mask, 3)
+    assert np.allclose(target[grown == 1], 0.8) and target[grown == 0].sum() == 0
+    assert reconstruction_target(image, None, 3).sum() == 0  # finding absent: zeros
+
+
+def test_augmentation_moves_mask_with_image():
+    image = np.full((64, 64), 10, np.uint8)
+    image[20:30, 35:50] = 250
+    mask = (image > 100).astype(np.uint8)
+    geometric = AugmentSpec(
+        shift_fraction=0.15,
+        rotation_degrees=25,
+        gamma_range=(1.0, 1.0),
+        sharpen_probability=0,
+        blur_probability=0,
+        noise_probability=0,
+    )
+    moved = 0
+    for seed in range(10):
+        out, out_mask = augment_pair(image, mask, np.random.default_rng(seed), geometric)
+        assert set(np.unique(out_mask)) <= {0, 1}
+        assert out_mask.sum() > 0.8 * mask.sum()
+        moved += int((out_mask != mask).any())
+        inside = out[out_mask == 1]
+        # the mask still covers the bright lesion (edges are interpolated) and nothing else
+        assert (inside > 120).mean() > 0.95 and out_mask[out > 200].mean() > 0.95
+        # intensity changes touch the image only: the same draws give the same mask
+        full = AugmentSpec(
+            shift_fraction=0.15,
+            rotation_degrees=25,
+            noise_probability=1.0,
+            blur_probability=1.0,
+            sharpen_probability=1.0,
+        )
+        out2, mask2 = augment_pair(image, mask, np.random.default_rng(seed), full)
+        assert (mask2 == out_mask).all() and not (out2 == out).all()
+    assert moved >= 8
+    same, same_mask = augment_pair(
+        image, mask, np.random.default_rng(0), AugmentSpec(enabled=False)
+    )
+    assert same is image and same_mask is mask
+
+
+def test_loss_is_ce_plus_lambda_mse_over_known_targets():
     torch.manual_seed(0)
     logits, classes = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
     recon, target = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
-    loss = multitask_loss(logits, classes, recon, target, None, 0.8)
-    expected = F.cross_entropy(logits, classes) + 0.8 * F.mse_loss(recon, target)
-    torch.testing.assert_close(loss, expected)
+    loss, ce, mse = multitask_loss(logits, classes, recon, target, None, None, 0.8)
+    expected_mse = F.mse_loss(recon, target)
+    torch.testing.assert_close(ce, F.cross_entropy(logits, classes))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, classes) + 0.8 * expected_mse)
+    torch.testing.assert_close(mse, expected_mse)
+    # a sample whose target is unknown (finding present, no mask) adds no MSE
+    known = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    loss, _, mse = multitask_loss(logits, classes, recon, target, known, None, 0.8)
+    keep = [0, 2, 3]
+    torch.testing.assert_close(mse, F.mse_loss(recon[keep], target[keep]))
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    loss, _, _ = multitask_loss(logits, classes, None, None, None, weights, 0.8)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, classes, weight=weights))
+
+
+def _states(trainer: MemberTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer._new_member().state_dict().items()}
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_weak_stage_keeps_the_decoder(
+    synthetic_manifest: Path, tmp_path: Path, train_encoder: bool
+):
+    config = small_config(
+        training__hard={"max_epochs": 0},
+        training__weak={"max_epochs": 1, "train_encoder": train_encoder},
+    )
+    data = prepared(config, synthetic_manifest, tmp_path / "run")
+    plans = build_plans(config, "nodule", data.split("train"), data.split("val"), data.cached)
+    assert plans[1].train, "the synthetic set has weak-label images"
+    trainer = MemberTrainer(config, "nodule", tmp_path / "member", progress=False)
+    before = _states(trainer)
+    after = trainer.train(plans).state_dict()
+    for key, value in before.items():
+        same = torch.equal(value, after[key])
+        if key.startswith("decoder."):
+            assert same, f"{key} changed in the weak stage"
+        elif key.startswith("encoder.") and not train_encoder:
+            assert same, f"{key} changed although the encoder is frozen"
+    assert not torch.equal(before["head.fc.weight"], after["head.fc.weight"])
+    encoder_changed = any(
+        not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder.")
+    )
+    assert encoder_changed == train_encoder
+
+
+def _metric_rows(directory: Path) -> list[dict[str, str]]:
+    with open(directory / METRICS_FILE) as fh:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+
+
+def test_resume_equals_an_uninterrupted_run(synthetic_manifest: Path, tmp_path: Path):
+    config = small_config()
+    data = prepared(config, synthetic_manifest, tmp_path / "run")
+    plans = build_plans(config, "cardiomegaly", data.split("train"), data.split("val"), data.cached)
+    whole = MemberTrainer(config, "cardiomegaly", tmp_path / "a", progress=False).train(plans)
+    for stop in (1, 2):  # inside the hard stage, and at the boundary to the weak stage
+        d = tmp_path / f"b{stop}"
+        with pytest.raises(TrainingInterrupted):
+            MemberTrainer(config, "cardiomegaly", d, progress=False).train(
+                plans, stop_after_epochs=stop
+            )
+        assert len(_metric_rows(d)) == stop
+        with pytest.raises(Exception, match="pass --resume"):
+            MemberTrainer(config, "cardiomegaly", d, progress=False).train(plans)
+        resumed = MemberTrainer(config, "cardiomegaly", d, progress=False).train(plans, resume=True)
+        a, b = whole.state_dict(), resumed.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{key} differs after resuming at epoch {stop}"
+        assert _metric_rows(d) == _metric_rows(tmp_path / "a")
+    other = small_config(seed=7)
+    with pytest.raises(Exception, match="another training config"):
+        MemberTrainer(other, "cardiomegaly", tmp_path / "b1", progress=False).train(
+            plans, resume=True
+        )
+
+
+def test_a_member_learns_its_finding(tmp_path: Path):
+    """Cardiomegaly vs not on synthetic images: the trained member ranks held-out cases."""
+    findings = ["nodule", "cardiomegaly"]
+    manifest = write_synthetic_dataset(
+        tmp_path / "d", 140, 96, seed=4, findings=findings, weak_fraction=0.0
+    )
+    config = small_config(
+        findings=findings,
+        preprocessing={"size": 64, "clahe_tile_grid": 4},
+        split={"fractions": [0.7, 0.15, 0.15]},
+        training__hard={"max_epochs": 6},
+        training__weak={"max_epochs": 0},
+    )
+    data = prepared(config, manifest, tmp_path / "run")
+    plans = build_plans(config, "cardiomegaly", data.split("train"), data.split("val"), data.cached)
+    member = MemberTrainer(config, "cardiomegaly", tmp_path / "m", progress=False).train(plans)
+    held_out = data.split("val") + data.split("test")
+    logits = member_logits_on(
+        member, [data.cached[e.row] for e in held_out], 32, torch.device("cpu")
+    )
+    truth = np.array([e.label("cardiomegaly") for e in held_out])
+    auc = safe_auc(truth, softmax(logits.astype(np.float64))[:, TARGET])
+    assert auc is not None and auc > 0.8, auc
 
 
 def test_synthetic_cases_have_masks_where_labelled():
@@ -62,19 +264,17 @@ def test_synthetic_cases_have_masks_where_labelled():
     assert any(not any(c.labels.values()) for c in cases)  # some normals
 
 
-def test_a_member_learns_its_finding():
-    """Cardiomegaly vs normal on synthetic images: trained logits separate the classes."""
-    from scxnn_node.imaging.preprocess import PreprocessSpec
-    from training.demo import prepare_cases
+def test_synthetic_dataset_writes_images_masks_and_manifest(tmp_path: Path):
+    from training.dataset import load_manifest
 
-    names = ["cardiomegaly", "nodule"]
-    catalogue = THESIS_CATALOGUE.subset(names)
-    cases = synthesise_cases(120, 96, seed=4, findings=names, normal_fraction=0.4)
-    images, labels, masks = prepare_cases(cases, PreprocessSpec(size=64), catalogue)
-    m = catalogue.index_of("cardiomegaly")
-    settings = MemberTrainingSettings(epochs=6, batch_size=16)
-    model = train_member(images[:90], labels[:90], masks[:90, m], m, settings)
-    logits = member_logits(model, images[90:])
-    calls = logits.argmax(1)
-    truth = member_class_labels(labels[90:], m)
-    assert (calls == truth).mean() > 0.6  # chance is about 0.33
+    m = load_manifest(write_synthetic_dataset(tmp_path, 20, 64, seed=0, weak_fraction=0.5))
+    assert len(m.entries) == 20 and m.findings == tuple(THESIS_CATALOGUE.names)
+    assert {e.label_kind for e in m.entries} == {"hard", "weak"}
+    assert all(not e.masks for e in m.entries if e.label_kind == "weak")
+    with_mask = [e for e in m.entries if e.masks]
+    assert with_mask
+    e = with_mask[0]
+    name, ref = next(iter(e.masks.items()))
+    assert e.label(name) == 1
+    pixels = cv2.imread(str(e.image), cv2.IMREAD_UNCHANGED)
+    assert pixels.dtype == np.uint16 and cv2.imread(ref, cv2.IMREAD_GRAYSCALE).shape == pixels.shape

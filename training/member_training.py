@@ -1,57 +1,95 @@
-"""Training one SCXNN member: multi-task classification + reconstruction (thesis 3.3.4).
+"""Training one SCXNN member (thesis 3.3.4): the project's one training loop.
 
-Loss = cross-entropy (class-weighted) + lambda x MSE between the decoder's output and the image
-inside the dilated mask of the member's own finding (zeros when it is absent). Adam, lr 1e-3,
-weight decay 5e-4, lr halved when the loss plateaus.
+Stages:
+  1. initialise the encoder (ImageNet weights from a local file when configured, else random);
+  2. hard labels: classification + reconstruction, loss = CE + lambda x MSE, the reconstruction
+     target being the image inside the dilated mask of the member's own finding (zeros when the
+     finding is absent; an image with the finding but no mask drawn adds no MSE term);
+  3. weak labels: decoder frozen, classifier trained (the encoder too if `train_encoder`).
+Each stage: Adam, lr halved after `plateau_patience` epochs without a better validation loss,
+stop once the lr falls below `min_lr` (or at `max_epochs`); the best validation epoch is kept.
+
+A checkpoint is written after every epoch and `resume` continues exactly where it stopped:
+shuffling and augmentation draw from generators seeded by (seed, member, stage, epoch, sample),
+so nothing random lives outside the checkpoint. Under `torchrun` each process trains on its
+share of every epoch through DistributedDataParallel; only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import copy
+import csv
+import json
 import logging
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from scxnn_node.model.member import MEMBER_CLASSES, MemberNet
+from scxnn_node.model.member import MEMBER_CLASSES, MemberNet, load_imagenet_encoder
+from training.augment import AugmentSpec, augment_pair
+from training.cache import CachedImage
+from training.config import TrainingConfig
+from training.dataset import ManifestEntry
 
 log = logging.getLogger(__name__)
 
 NORMAL, TARGET, OTHERS = (MEMBER_CLASSES.index(c) for c in ("normal", "target", "others"))
+STAGES = ("hard", "weak")
+CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "member.safetensors"
+DONE_FILE = "done.json"
+METRICS_FILE = "metrics.csv"
+VAL_LOGITS_FILE = "val_logits.npy"
+METRIC_COLUMNS = (
+    "stage",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_ce",
+    "train_mse",
+    "val_loss",
+    "val_ce",
+    "val_mse",
+    "val_accuracy",
+    "seconds",
+)
 
 
-@dataclass(frozen=True)
-class MemberTrainingSettings:
-    architecture: str = "densenet_small"
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    recon_weight: float = 0.8  # lambda of the thesis
-    mask_dilation_px: int = 3
-    plateau_patience: int = 2
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("MemberTrainingSettings.epochs and batch_size must be at least 1")
-        if self.recon_weight < 0:
-            raise ValueError("MemberTrainingSettings.recon_weight must be >= 0")
+class RunError(Exception):
+    """A run directory or checkpoint that does not fit the request; the message says why."""
 
 
-def member_class_labels(labels: np.ndarray, member_index: int) -> np.ndarray:
-    """Per image: target if the member's finding is present, others if only other findings are,
-    normal if none. `labels` is (N, n_findings) of 0/1."""
-    labels = np.asarray(labels)
-    own = labels[:, member_index] == 1
-    any_other = (np.delete(labels, member_index, axis=1) == 1).any(axis=1)
-    out = np.full(len(labels), NORMAL, dtype=np.int64)
-    out[any_other] = OTHERS
-    out[own] = TARGET
-    return out
+class TrainingInterrupted(Exception):
+    """Raised when a run stops early on purpose (`stop_after_epochs`); the checkpoint holds it."""
+
+
+def member_class(entry: ManifestEntry, finding: str) -> int | None:
+    """The member's 3-class label: target if its finding is present, others if only other
+    findings (or a disease outside the catalogue) are, normal if none; None when unknown."""
+    own = entry.label(finding)
+    if own == 1:
+        return TARGET
+    if own is None:
+        return None
+    others = [v for f, v in entry.labels.items() if f != finding]
+    if entry.other_disease or any(v == 1 for v in others):
+        return OTHERS
+    if all(v == 0 for v in others):
+        return NORMAL
+    return None
 
 
 def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -63,28 +101,35 @@ def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     return cv2.dilate(binary, kernel)
 
 
-def reconstruction_targets(images: np.ndarray, masks: np.ndarray, dilation_px: int) -> np.ndarray:
-    """The image (0..1) inside the dilated mask, zeros elsewhere; (N, S, S) float32."""
-    out = np.zeros(images.shape, dtype=np.float32)
-    for i in range(len(images)):
-        if masks[i].any():
-            region = dilate_mask(masks[i], dilation_px).astype(bool)
-            out[i][region] = images[i][region].astype(np.float32) / 255.0
+def reconstruction_target(
+    image: np.ndarray, mask: np.ndarray | None, dilation_px: int
+) -> np.ndarray:
+    """The image (0..1) inside the dilated mask, zeros elsewhere (all zeros without a mask)."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    if mask is not None and mask.any():
+        region = dilate_mask(mask, dilation_px).astype(bool)
+        out[region] = image[region].astype(np.float32) / 255.0
     return out
 
 
 def multitask_loss(
     logits: torch.Tensor,
     classes: torch.Tensor,
-    reconstruction: torch.Tensor,
-    target: torch.Tensor,
+    reconstruction: torch.Tensor | None,
+    target: torch.Tensor | None,
+    recon_weights: torch.Tensor | None,
     class_weights: torch.Tensor | None,
     recon_weight: float,
-) -> torch.Tensor:
-    """CE + lambda x MSE, the thesis's total loss."""
-    ce = F.cross_entropy(logits, classes, weight=class_weights)
-    mse = F.mse_loss(reconstruction, target)
-    return ce + recon_weight * mse
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, CE, MSE): the thesis's CE + lambda x MSE. The MSE averages over the samples
+    whose reconstruction target is known (`recon_weights` 1), zero when there are none."""
+    ce = F.cross_entropy(logits.float(), classes, weight=class_weights)
+    if reconstruction is None or target is None:
+        return ce, ce.detach(), torch.zeros((), device=ce.device)
+    per_sample = (reconstruction.float() - target).pow(2).flatten(1).mean(dim=1)
+    w = torch.ones_like(per_sample) if recon_weights is None else recon_weights.float()
+    mse = (per_sample * w).sum() / w.sum().clamp(min=1.0)
+    return ce + recon_weight * mse, ce.detach(), mse.detach()
 
 
 def class_weights_for(classes: np.ndarray) -> torch.Tensor:
@@ -94,64 +139,545 @@ def class_weights_for(classes: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
-def train_member(
-    images: np.ndarray,
-    labels: np.ndarray,
-    own_masks: np.ndarray,
-    member_index: int,
-    settings: MemberTrainingSettings,
-) -> MemberNet:
-    """Train one member on preprocessed uint8 images (N, S, S), labels (N, F) and the masks of
-    the member's own finding (N, S, S; zeros where absent)."""
-    torch.manual_seed(settings.seed + member_index)
-    rng = np.random.default_rng(settings.seed + member_index)
-    device = torch.device(settings.device)
-    classes = member_class_labels(labels, member_index)
-    recon = reconstruction_targets(images, own_masks, settings.mask_dilation_px)
-    weights = class_weights_for(classes).to(device)
-    model = MemberNet(settings.architecture, with_decoder=True).to(device)
-    optimiser = torch.optim.Adam(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser, mode="min", factor=0.5, patience=settings.plateau_patience
-    )
-    x_all = torch.from_numpy(images).unsqueeze(1)
-    y_all = torch.from_numpy(classes)
-    r_all = torch.from_numpy(recon).unsqueeze(1)
-    for epoch in range(settings.epochs):
-        model.train()
-        order = rng.permutation(len(images))
-        total = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            idx = torch.from_numpy(order[start : start + settings.batch_size])
-            x = x_all[idx].to(device).float() / 255.0
-            logits, reconstruction = model.forward_multitask(x)
-            loss = multitask_loss(
+@dataclass(frozen=True)
+class MemberItem:
+    cached: CachedImage
+    label: int  # member class
+
+
+class MemberSamples(Dataset):
+    """(image uint8 (1,S,S), class, reconstruction target (1,S,S), has-target weight)."""
+
+    def __init__(
+        self,
+        items: Sequence[MemberItem],
+        finding: str,
+        size: int,
+        dilation_px: int,
+        augment: AugmentSpec | None,
+        seed_parts: Sequence[int],
+    ) -> None:
+        self.items = list(items)
+        self.finding = finding
+        self.size = size
+        self.dilation_px = dilation_px
+        self.augment = augment
+        self.seed_parts = list(seed_parts)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, float]:
+        item = self.items[index]
+        image = item.cached.load_image()
+        mask = item.cached.load_mask(self.finding, self.size)
+        if self.augment is not None:
+            rng = np.random.default_rng([*self.seed_parts, self.epoch, index])
+            image, mask = augment_pair(image, mask, rng, self.augment)
+        target = reconstruction_target(image, mask, self.dilation_px)
+        known = item.label != TARGET or mask is not None
+        return (
+            torch.from_numpy(np.ascontiguousarray(image))[None],
+            item.label,
+            torch.from_numpy(target)[None],
+            1.0 if known else 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def distributed_from_env() -> DistInfo:
+    """Rank and world size as torchrun sets them; a plain process is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(preference: str, dist_info: DistInfo) -> torch.device:
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(preference)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"training.device {preference!r} but CUDA is not available")
+        if dist_info.distributed:
+            device = torch.device("cuda", dist_info.local_rank)
+    return device
+
+
+class _TrainingView(nn.Module):
+    """The member's training forward as `forward`, which DistributedDataParallel wraps."""
+
+    def __init__(self, member: MemberNet, with_recon: bool) -> None:
+        super().__init__()
+        self.member = member
+        self.with_recon = with_recon
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.with_recon:
+            return self.member.forward_multitask(x)
+        return self.member(x), None
+
+
+@dataclass
+class StagePlan:
+    name: str
+    train: list[MemberItem]
+    val: list[MemberItem]
+    max_epochs: int
+    with_recon: bool
+    train_encoder: bool
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class MemberTrainer:
+    """Trains one member through the stages; owns its directory in the run."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        finding: str,
+        member_dir: Path,
+        dist_info: DistInfo | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.tc = config.training
+        self.finding = finding
+        self.member_index = config.catalogue.index_of(finding)
+        self.dir = member_dir
+        self.dist = dist_info or DistInfo()
+        self.device = resolve_device(self.tc.device, self.dist)
+        self.progress = progress and self.dist.is_main
+        self.size = config.preprocessing.size
+        cuda = self.device.type == "cuda"
+        self.channels_last = self.tc.channels_last == "on" or (
+            self.tc.channels_last == "auto" and cuda
+        )
+        amp = self.tc.amp
+        if amp == "auto":
+            amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16 and cuda
+        )
+        if self.dist.distributed:
+            log.info(
+                "member %s: rank %d of %d on %s",
+                finding,
+                self.dist.rank,
+                self.dist.world,
+                self.device,
+            )
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def _new_member(self) -> MemberNet:
+        torch.manual_seed(self.config.seed * 1000 + self.member_index)
+        member = MemberNet(self.config.architecture, with_decoder=True)
+        if self.config.imagenet_weights is not None:
+            load_imagenet_encoder(member, self.config.imagenet_weights)  # stage 1
+        member.to(self.device)
+        if self.channels_last:
+            member.to(memory_format=torch.channels_last)
+        return member
+
+    def _set_trainable(self, member: MemberNet, plan: StagePlan) -> list[nn.Parameter]:
+        assert member.decoder is not None
+        for p in member.parameters():
+            p.requires_grad_(True)
+        if not plan.with_recon:
+            for p in member.decoder.parameters():
+                p.requires_grad_(False)
+            if not plan.train_encoder:
+                for p in member.encoder.parameters():
+                    p.requires_grad_(False)
+        return [p for p in member.parameters() if p.requires_grad]
+
+    @staticmethod
+    def _set_modes(member: MemberNet, plan: StagePlan, training: bool) -> None:
+        member.train(training)
+        if training and not plan.with_recon:
+            # Frozen parts keep their batch-norm statistics too.
+            assert member.decoder is not None
+            member.decoder.eval()
+            if not plan.train_encoder:
+                member.encoder.eval()
+
+    def _loader(self, dataset: MemberSamples, order: np.ndarray) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.tc.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.tc.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _to_input(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+
+    def _seed_parts(self, stage_index: int) -> list[int]:
+        return [self.config.seed, self.member_index, stage_index]
+
+    def _epoch_order(self, n: int, stage_index: int, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([*self._seed_parts(stage_index), epoch]).permutation(n)
+        if self.dist.distributed:
+            # Pad to a multiple of the world size so every rank runs the same number of steps.
+            padded = np.resize(order, -(-n // self.dist.world) * self.dist.world)
+            order = padded[self.dist.rank :: self.dist.world]
+        if len(order) > 1 and len(order) % self.tc.batch_size == 1:
+            order = order[:-1]  # batch norm cannot train on a batch of one; reshuffled next epoch
+        return order
+
+    # -- one epoch ---------------------------------------------------------------------------
+
+    def _train_epoch(
+        self,
+        model: nn.Module,
+        member: MemberNet,
+        plan: StagePlan,
+        stage_index: int,
+        epoch: int,
+        optimiser: torch.optim.Optimizer,
+        class_weights: torch.Tensor | None,
+    ) -> dict[str, float]:
+        dataset = MemberSamples(
+            plan.train,
+            self.finding,
+            self.size,
+            self.tc.mask_dilation_px,
+            self.tc.augmentation.spec(),
+            self._seed_parts(stage_index),
+        )
+        dataset.set_epoch(epoch)
+        order = self._epoch_order(len(dataset), stage_index, epoch)
+        self._set_modes(member, plan, True)
+        sums = np.zeros(3)
+        count = 0
+        bar = tqdm(
+            self._loader(dataset, order),
+            desc=f"{self.finding} {plan.name} epoch {epoch + 1}",
+            unit="batch",
+            leave=False,
+            disable=not self.progress,
+        )
+        for images, classes, targets, known in bar:
+            x = self._to_input(images)
+            with self._autocast():
+                logits, recon = model(x)
+            loss, ce, mse = multitask_loss(
                 logits,
-                y_all[idx].to(device),
-                reconstruction,
-                r_all[idx].to(device),
-                weights,
-                settings.recon_weight,
+                classes.to(self.device),
+                recon,
+                targets.to(self.device) if plan.with_recon else None,
+                known.to(self.device),
+                class_weights,
+                self.tc.recon_weight,
             )
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-        mean_loss = total / len(order)
-        scheduler.step(mean_loss)
-        log.debug("member %d epoch %d loss %.4f", member_index, epoch, mean_loss)
-    return model.eval()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimiser)
+            self.scaler.update()
+            n = len(classes)
+            sums += np.array([loss.item(), ce.item(), mse.item()]) * n
+            count += n
+            bar.set_postfix(loss=f"{sums[0] / count:.4f}")
+        bar.close()
+        totals = torch.tensor([*sums, count], dtype=torch.float64, device=self.device)
+        if self.dist.distributed:
+            dist.all_reduce(totals)
+        s = totals.cpu().numpy()
+        # Plain floats: the checkpoint holds only tensors and Python values (weights_only load).
+        return {
+            k: float(s[i] / s[3]) for i, k in enumerate(("train_loss", "train_ce", "train_mse"))
+        }
+
+    @torch.no_grad()
+    def _validate(
+        self, member: MemberNet, plan: StagePlan, class_weights: torch.Tensor | None
+    ) -> dict[str, float]:
+        items = plan.val or plan.train  # without validation data the training loss decides
+        dataset = MemberSamples(items, self.finding, self.size, self.tc.mask_dilation_px, None, [])
+        self._set_modes(member, plan, False)
+        view = _TrainingView(member, plan.with_recon)
+        sums = np.zeros(4)
+        count = 0
+        for images, classes, targets, known in self._loader(dataset, np.arange(len(dataset))):
+            with self._autocast():
+                logits, recon = view(self._to_input(images))
+            classes = classes.to(self.device)
+            loss, ce, mse = multitask_loss(
+                logits,
+                classes,
+                recon,
+                targets.to(self.device) if plan.with_recon else None,
+                known.to(self.device),
+                class_weights,
+                self.tc.recon_weight,
+            )
+            correct = (logits.argmax(1) == classes).sum().item()
+            n = len(classes)
+            sums += np.array([loss.item() * n, ce.item() * n, mse.item() * n, correct])
+            count += n
+        keys = ("val_loss", "val_ce", "val_mse", "val_accuracy")
+        return {k: float(sums[i] / count) for i, k in enumerate(keys)}
+
+    # -- checkpoints and records -------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.dir / CHECKPOINT_FILE
+
+    def _save_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(state, self.checkpoint_path)
+            self._write_metrics(state["history"])
+        if self.dist.distributed:
+            dist.barrier()
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        tmp = self.dir / (METRICS_FILE + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.dir / METRICS_FILE)
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.config.fingerprint():
+            raise RunError(
+                f"{self.checkpoint_path}: written with another training config; resume needs "
+                "the same config (or start a new run directory)"
+            )
+        return state
+
+    # -- the stages --------------------------------------------------------------------------
+
+    def train(
+        self,
+        plans: Sequence[StagePlan],
+        resume: bool = False,
+        stop_after_epochs: int | None = None,
+    ) -> MemberNet:
+        """Run the stages; returns the trained member (with decoder) on the CPU."""
+        if self.checkpoint_path.exists() and not resume:
+            raise RunError(
+                f"{self.checkpoint_path} exists: pass --resume to continue that training, or "
+                "use a new run directory"
+            )
+        member = self._new_member()
+        state: dict[str, Any] = {
+            "fingerprint": self.config.fingerprint(),
+            "stage": 0,
+            "epoch": 0,
+            "stage_done": False,
+            "history": [],
+        }
+        if resume and self.checkpoint_path.exists():
+            state = self._load_checkpoint()
+            member.load_state_dict(state["model"])
+            log.info(
+                "member %s: resuming at stage %s, epoch %d",
+                self.finding,
+                STAGES[min(state["stage"], len(STAGES) - 1)],
+                state["epoch"],
+            )
+        epochs_run = 0
+        for stage_index, plan in enumerate(plans):
+            if stage_index < state["stage"] or (
+                stage_index == state["stage"] and state["stage_done"]
+            ):
+                continue
+            if not plan.train or plan.max_epochs == 0:
+                log.info(
+                    "member %s: no %s-label training data; stage skipped", self.finding, plan.name
+                )
+                state.update(stage=stage_index + 1, epoch=0, stage_done=False)
+                continue
+            continuing = (
+                state["stage"] == stage_index and state["epoch"] > 0 and "optimiser" in state
+            )
+            params = self._set_trainable(member, plan)
+            optimiser = torch.optim.Adam(
+                params, lr=self.tc.optimiser.lr, weight_decay=self.tc.optimiser.weight_decay
+            )
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimiser,
+                mode="min",
+                factor=self.tc.optimiser.lr_factor,
+                patience=self.tc.optimiser.plateau_patience,
+            )
+            start_epoch, best_val, best_model = 0, float("inf"), None
+            if continuing:
+                optimiser.load_state_dict(state["optimiser"])
+                scheduler.load_state_dict(state["scheduler"])
+                self.scaler.load_state_dict(state["scaler"])
+                start_epoch, best_val, best_model = (
+                    state["epoch"],
+                    state["best_val"],
+                    state["best_model"],
+                )
+            labels = np.array([i.label for i in plan.train])
+            weights = class_weights_for(labels).to(self.device) if self.tc.class_weighting else None
+            model: nn.Module = _TrainingView(member, plan.with_recon)
+            if self.dist.distributed:
+                model = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
+            for epoch in range(start_epoch, plan.max_epochs):
+                started = time.monotonic()
+                row: dict[str, Any] = {"stage": plan.name, "epoch": epoch + 1}
+                row["lr"] = optimiser.param_groups[0]["lr"]
+                row.update(
+                    self._train_epoch(model, member, plan, stage_index, epoch, optimiser, weights)
+                )
+                row.update(self._validate(member, plan, weights))
+                row["seconds"] = round(time.monotonic() - started, 3)
+                scheduler.step(row["val_loss"])
+                if row["val_loss"] < best_val:
+                    best_val = row["val_loss"]
+                    best_model = copy.deepcopy(member.state_dict())
+                stop = optimiser.param_groups[0]["lr"] < self.tc.optimiser.min_lr
+                done = stop or epoch + 1 == plan.max_epochs
+                if done and best_model is not None:
+                    member.load_state_dict(best_model)
+                state.update(
+                    stage=stage_index,
+                    epoch=epoch + 1,
+                    stage_done=done,
+                    model=member.state_dict(),
+                    optimiser=optimiser.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=self.scaler.state_dict(),
+                    best_val=best_val,
+                    best_model=best_model,
+                )
+                state["history"].append(row)
+                self._save_checkpoint(state)
+                if self.dist.is_main:
+                    log.info(
+                        "member %s %s epoch %d: train %.4f val %.4f acc %.3f lr %.2g (%.0f s)",
+                        self.finding,
+                        plan.name,
+                        epoch + 1,
+                        row["train_loss"],
+                        row["val_loss"],
+                        row["val_accuracy"],
+                        row["lr"],
+                        row["seconds"],
+                    )
+                epochs_run += 1
+                if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                    raise TrainingInterrupted(
+                        f"member {self.finding}: stopped after {epochs_run} epoch(s) as asked; "
+                        "continue with --resume"
+                    )
+                if done:
+                    break
+            state.update(stage=stage_index + 1, epoch=0, stage_done=False)
+        member.eval()
+        for p in member.parameters():
+            p.requires_grad_(True)
+        return member.to("cpu", memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
-def member_logits(model: MemberNet, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """(N, 3) logits of one trained member on uint8 images (N, S, S)."""
-    model.eval()
-    device = next(model.parameters()).device
+def member_logits_on(
+    member: MemberNet, cached: Sequence[CachedImage], batch_size: int, device: torch.device
+) -> np.ndarray:
+    """(N, 3) logits of a trained member on cached preprocessed images."""
+    member = member.to(device).eval()
     out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).unsqueeze(1).to(device).float()
-        out.append(model(x / 255.0).cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+    for start in range(0, len(cached), batch_size):
+        batch = np.stack([c.load_image() for c in cached[start : start + batch_size]])
+        x = torch.from_numpy(batch).unsqueeze(1).to(device).float() / 255.0
+        out.append(member(x).float().cpu().numpy())
+    member.to("cpu")
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 3), np.float32)
+
+
+def save_member(member: MemberNet, member_dir: Path, extra: dict[str, Any]) -> None:
+    """The trained member (with its decoder, for further training) and a done marker."""
+    member_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
+    tmp = member_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, member_dir / WEIGHTS_FILE)
+    (member_dir / DONE_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+
+
+def build_plans(
+    config: TrainingConfig,
+    finding: str,
+    train: Sequence[ManifestEntry],
+    val: Sequence[ManifestEntry],
+    cached: dict[int, CachedImage],
+) -> list[StagePlan]:
+    """Stage 2 on hard-label training images, stage 3 on weak-label ones; both validate on the
+    validation split. Images whose member class is unknown are left out of this member."""
+
+    def items(
+        entries: Sequence[ManifestEntry], keep: Callable[[ManifestEntry], bool]
+    ) -> list[MemberItem]:
+        out = []
+        for e in entries:
+            label = member_class(e, finding)
+            if label is not None and keep(e):
+                out.append(MemberItem(cached[e.row], label))
+        return out
+
+    tc = config.training
+    val_items = items(val, lambda e: True)
+    return [
+        StagePlan(
+            "hard",
+            items(train, lambda e: e.label_kind == "hard"),
+            val_items,
+            tc.hard.max_epochs,
+            with_recon=True,
+            train_encoder=True,
+        ),
+        StagePlan(
+            "weak",
+            items(train, lambda e: e.label_kind == "weak"),
+            val_items,
+            tc.weak.max_epochs,
+            with_recon=False,
+            train_encoder=tc.weak.train_encoder,
+        ),
+    ]

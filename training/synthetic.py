@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -284,3 +285,49 @@ def synthesise_cases(
                     present.append(second)
         cases.append(synthesise_case(rng, size, present, names))
     return cases
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path,
+    count: int,
+    size: int,
+    seed: int = 0,
+    findings: Sequence[str] = tuple(THESIS_CATALOGUE.names),
+    weak_fraction: float = 0.25,
+    normal_fraction: float = 0.4,
+) -> Path:
+    """Write `count` synthetic cases as 16-bit PNG images, PNG lesion masks (hard-label rows
+    only) and a manifest at out_dir/manifest.csv; some patients have two images."""
+    from training.dataset import ManifestRow, write_manifest
+
+    if not 0 <= weak_fraction <= 1:
+        raise ValueError("weak_fraction must be in [0, 1]")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    cases = synthesise_cases(count, size, seed, findings, normal_fraction)
+    rng = np.random.default_rng([seed, 1])
+    rows = []
+    patient = 0
+    for i, case in enumerate(cases):
+        if i > 0 and rng.random() < 0.75:
+            patient += 1  # about one patient in four has a second image
+        image = f"images/case_{i:05d}.png"
+        cv2.imwrite(str(out / image), case.pixels)
+        kind = "weak" if rng.random() < weak_fraction else "hard"
+        masks = {}
+        if kind == "hard":
+            for name, mask in case.masks.items():
+                rel = f"masks/case_{i:05d}.{name}.png"
+                cv2.imwrite(str(out / rel), mask.astype(np.uint8) * 255)
+                masks[name] = rel
+        rows.append(
+            ManifestRow(
+                image=image,
+                patient_id=f"SYN{patient:05d}",
+                labels=dict(case.labels),
+                label_kind=kind,
+                masks=masks,
+            )
+        )
+    return write_manifest(out / "manifest.csv", rows, list(findings))

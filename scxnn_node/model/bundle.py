@@ -233,8 +233,13 @@ def write_bundle(
     manifest: Manifest,
     member_states: dict[str, dict[str, torch.Tensor]],
     second_stage: SvmSecondStage,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Manifest:
-    """Write a new bundle directory; bundles are immutable, so an existing one is refused."""
+    """Write a new bundle directory; bundles are immutable, so an existing one is refused.
+
+    `extra_files` (relative path -> bytes) are records such as validation metrics; they are
+    hashed and verified like the weights but never executed or unpickled.
+    """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise BundleError(
@@ -263,6 +268,16 @@ def write_bundle(
     stage_blob = json.dumps(second_stage.to_dict()).encode()
     _fsync_write(tmp / SECOND_STAGE_FILE, stage_blob)
     files[SECOND_STAGE_FILE] = sha256_bytes(stage_blob)
+    for rel, blob in sorted((extra_files or {}).items()):
+        if (
+            rel in files
+            or rel == MANIFEST_FILE
+            or ".." in Path(rel).parts
+            or Path(rel).is_absolute()
+        ):
+            raise BundleError(f"extra bundle file {rel!r} is not a free relative path")
+        _fsync_write(tmp / rel, blob)
+        files[rel] = sha256_bytes(blob)
     final = Manifest(**{**manifest.__dict__, "files": files})
     _fsync_write(tmp / MANIFEST_FILE, (json.dumps(final.to_dict(), indent=2) + "\n").encode())
     if out.exists():

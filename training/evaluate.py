@@ -1,0 +1,259 @@
+"""Evaluate a bundle on a labelled manifest: the thesis's tables, figures and a report.
+
+The images go through the node's own path (bundle preprocessing spec, inference engine, the
+bundle's second stage and operating point), so the numbers are those the node would produce.
+Writes metrics.json, report.md, predictions.csv, roc.png and confusion.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
+from tqdm import tqdm
+
+from scxnn_node.model.bundle import load_bundle
+from scxnn_node.model.engine import EngineOptions, InferenceEngine
+from scxnn_node.model.member import MEMBER_CLASSES
+from training.cache import build_cache
+from training.dataset import SPLITS, DatasetManifest, ManifestError, load_manifest
+from training.metrics import EvaluationInputs, softmax, triage_metrics
+
+log = logging.getLogger(__name__)
+
+TARGET = MEMBER_CLASSES.index("target")
+
+
+def select_split(manifest: DatasetManifest, split: str) -> tuple[DatasetManifest, str]:
+    """`auto`: the test split when the manifest has one, else every row; `all`; or a split."""
+    if split == "auto":
+        split = "test" if manifest.split("test") else "all"
+    if split == "all":
+        return manifest, split
+    if split not in SPLITS:
+        raise ValueError(f"split must be auto, all or one of {SPLITS}, got {split!r}")
+    entries = tuple(e for e in manifest.entries if e.split == split)
+    if not entries:
+        raise ManifestError(manifest.path, [f"no rows in split {split!r}"])
+    return replace(manifest, entries=entries), split
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
+def write_report(path: Path, metrics: dict[str, Any]) -> None:
+    c = metrics["confusion"]
+    lines = [
+        f"# Evaluation of {metrics['bundle']['name']} {metrics['bundle']['version']}",
+        "",
+        f"Manifest `{metrics['manifest']}` (sha256 {metrics['manifest_sha256'][:12]}), split "
+        f"`{metrics['split']}`: {metrics['n_images']} images, {metrics['n_with_known_status']} "
+        f"with a known normal/abnormal status. Operating threshold {metrics['threshold']:.4f}.",
+    ]
+    if metrics["bundle"]["demo"]:
+        lines += ["", "**Demo bundle: these numbers claim nothing.**"]
+    lines += [
+        "",
+        "## Normal / abnormal (thesis Table 2)",
+        "",
+        "| AI \\ reference | normal | abnormal |",
+        "| --- | ---: | ---: |",
+        f"| normal | {c['ai_normal']['normal']} | {c['ai_normal']['abnormal']} |",
+        f"| abnormal | {c['ai_abnormal']['normal']} | {c['ai_abnormal']['abnormal']} |",
+        "",
+        f"Sensitivity {_fmt(metrics['sensitivity'])} (95% CI {_ci(metrics['sensitivity_ci'])}), "
+        f"specificity {_fmt(metrics['specificity'])} (95% CI {_ci(metrics['specificity_ci'])}), "
+        f"AUC {_fmt(metrics['auc'])}.",
+        "",
+        "## Risk tiers (thesis Table 3)",
+        "",
+        "Images showing a finding of each tier, by the AI's call: normal (missed), target (a "
+        "member of one of the image's findings of that tier said target), others (abnormal for "
+        "another reason).",
+        "",
+        "| AI \\ tier | " + " | ".join(metrics["per_tier"]) + " |",
+        "| --- |" + " ---: |" * len(metrics["per_tier"]),
+    ]
+    for row in ("normal", "target", "others", "n"):
+        cells = " | ".join(str(t[row]) for t in metrics["per_tier"].values())
+        lines.append(f"| {row if row != 'n' else 'total'} | {cells} |")
+    lines += [
+        "",
+        "## Per finding",
+        "",
+        "| finding | tier | positives | negatives | AUC | sensitivity (95% CI) | "
+        "specificity (95% CI) |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, f in metrics["per_finding"].items():
+        lines.append(
+            f"| {name} | {f['tier']} | {f['n_positive']} | {f['n_negative']} | {_fmt(f['auc'])} "
+            f"| {_fmt(f['sensitivity'])} ({_ci(f['sensitivity_ci'])}) | "
+            f"{_fmt(f['specificity'])} ({_ci(f['specificity_ci'])}) |"
+        )
+    outside = metrics["outside_catalogue"]
+    lines += ["", "## Diseases outside the catalogue (thesis Table 9)", ""]
+    if not outside:
+        lines.append("The manifest names no disease outside the catalogue (column other_disease).")
+    for disease, d in outside.items():
+        lines += [
+            f"**{disease}**: {d['n']} images, {d['called_abnormal']} called abnormal.",
+            "",
+            "| member | normal | target | others |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for member, shares in d["members"].items():
+            lines.append(
+                f"| {member} | {shares['normal']:.3f} | {shares['target']:.3f} | "
+                f"{shares['others']:.3f} |"
+            )
+        lines.append("")
+    lines += ["", "Figures: `roc.png`, `confusion.png`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_figures(
+    out: Path,
+    metrics: dict[str, Any],
+    inputs: EvaluationInputs,
+) -> None:
+    known = np.array([a is not None for a in inputs.abnormal])
+    truth = np.array([a == 1 for a in inputs.abnormal])[known].astype(int)
+    scores = np.asarray(inputs.scores)[known]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if len(np.unique(truth)) == 2:
+        fpr, tpr, _ = roc_curve(truth, scores)
+        ax.plot(fpr, tpr, lw=2, label=f"normal vs abnormal (AUC {metrics['auc']:.3f})")
+        ax.plot(
+            1 - metrics["specificity"],
+            metrics["sensitivity"],
+            "o",
+            color="red",
+            label="operating point",
+        )
+    probs = softmax(inputs.logits.astype(np.float64))
+    for m, finding in enumerate(inputs.findings):
+        values = [lab.get(finding.name) for lab in inputs.labels]
+        rows = np.array([v is not None for v in values])
+        y = np.array([v == 1 for v in values])[rows].astype(int)
+        if rows.any() and len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, probs[rows, m, TARGET])
+            auc = metrics["per_finding"][finding.name]["auc"]
+            ax.plot(fpr, tpr, lw=1, alpha=0.7, label=f"{finding.name} ({auc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+
+    c = metrics["confusion"]
+    matrix = np.array(
+        [
+            [c["ai_normal"]["normal"], c["ai_normal"]["abnormal"]],
+            [c["ai_abnormal"]["normal"], c["ai_abnormal"]["abnormal"]],
+        ]
+    )
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        colour = "white" if v > matrix.max() / 2 else "black"
+        ax.text(j, i, str(v), ha="center", va="center", color=colour, fontsize=14)
+    ax.set_xticks([0, 1], ["normal", "abnormal"])
+    ax.set_yticks([0, 1], ["normal", "abnormal"])
+    ax.set(xlabel="reference standard", ylabel="AI", title="Normal / abnormal")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+
+def evaluate_bundle(
+    bundle_dir: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    split: str = "auto",
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_dir)
+    manifest, used = select_split(load_manifest(manifest_path), split)
+    spec = bundle.manifest.preprocessing
+    cached = build_cache(manifest, spec, cache_dir or out / "cache", workers, progress)
+    engine = InferenceEngine(bundle, EngineOptions(device=device))
+    entries = list(manifest.entries)
+    batch = max(engine.batch_size, 1)
+    logits = np.zeros((len(entries), len(bundle.manifest.findings), 3), np.float32)
+    for start in tqdm(
+        range(0, len(entries), batch), desc="evaluate", unit="batch", disable=not progress
+    ):
+        chunk = entries[start : start + batch]
+        images = np.stack([cached[e.row].load_image() for e in chunk])
+        logits[start : start + len(chunk)] = engine.member_logits(images)
+    scores = engine.scores(logits)
+    inputs = EvaluationInputs(
+        findings=bundle.manifest.findings,
+        logits=logits,
+        scores=scores,
+        threshold=float(bundle.manifest.operating_point.threshold),
+        labels=[e.labels for e in entries],
+        abnormal=[e.abnormal for e in entries],
+        other_disease=[e.other_disease for e in entries],
+    )
+    metrics = triage_metrics(inputs)
+    metrics.update(
+        bundle={
+            "name": bundle.manifest.name,
+            "version": bundle.manifest.version,
+            "demo": bundle.manifest.demo,
+        },
+        manifest=str(manifest.path),
+        manifest_sha256=manifest.sha256,
+        split=used,
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        names = bundle.manifest.findings.names
+        writer.writerow(["row", "image", "patient_id", "abnormal", "score", "ai_abnormal", *names])
+        calls = logits.argmax(-1)
+        for i, e in enumerate(entries):
+            writer.writerow(
+                [
+                    e.row,
+                    e.image,
+                    e.patient_id,
+                    "" if e.abnormal is None else e.abnormal,
+                    f"{scores[i]:.6f}",
+                    int(scores[i] >= inputs.threshold),
+                    *(MEMBER_CLASSES[k] for k in calls[i]),
+                ]
+            )
+    write_figures(out, metrics, inputs)
+    write_report(out / "report.md", metrics)
+    log.info(
+        "evaluated %d images (%s split): sensitivity %s specificity %s",
+        len(entries),
+        used,
+        _fmt(metrics["sensitivity"]),
+        _fmt(metrics["specificity"]),
+    )
+    return metrics
