@@ -64,6 +64,7 @@ METRIC_COLUMNS = (
     "val_ce",
     "val_mse",
     "val_accuracy",
+    "train_seconds",
     "seconds",
 )
 
@@ -501,6 +502,14 @@ class MemberTrainer:
                 "use a new run directory"
             )
         member = self._new_member()
+        if self.dist.is_main:
+            log.info(
+                "member %s: training on %s, precision %s, channels_last %s",
+                self.finding,
+                self.device,
+                str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+                self.channels_last,
+            )
         state: dict[str, Any] = {
             "fingerprint": self.config.fingerprint(),
             "stage": 0,
@@ -566,6 +575,7 @@ class MemberTrainer:
                 row.update(
                     self._train_epoch(model, member, plan, stage_index, epoch, optimiser, weights)
                 )
+                row["train_seconds"] = round(time.monotonic() - started, 3)
                 row.update(self._validate(member, plan, weights))
                 row["seconds"] = round(time.monotonic() - started, 3)
                 scheduler.step(row["val_loss"])
