@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.findings import THESIS_CATALOGUE
 from training.augment import AugmentSpec, augment_pair
@@ -34,39 +35,9 @@ from training.member_training import (
 from training.metrics import safe_auc, softmax
 from training.synthetic import synthesise_cases, write_synthetic_dataset
 
-FINDINGS = ["pneumothorax", "nodule", "cardiomegaly"]
-
 
 def small_config(**overrides: Any) -> TrainingConfig:
-    data: dict[str, Any] = {
-        "name": "test-run",
-        "demo": True,
-        "findings": FINDINGS,
-        "architecture": "densenet_small",
-        "preprocess_workers": 1,
-        "preprocessing": {"size": 32, "clahe_tile_grid": 2},
-        "split": {"fractions": [0.6, 0.25, 0.15]},
-        "training": {
-            "batch_size": 8,
-            "num_workers": 0,
-            "device": "cpu",
-            "mask_dilation_px": 1,
-            "hard": {"max_epochs": 2},
-            "weak": {"max_epochs": 1},
-        },
-        "second_stage": {"target_sensitivity": 0.9},
-    }
-    for key, value in overrides.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            sub, _, leaf2 = leaf.partition("__")
-            if leaf2:
-                data[section].setdefault(sub, {})[leaf2] = value
-            else:
-                data[section][sub] = value
-        else:
-            data[key] = value
-    return training_config_from(data)
+    return training_config_from(small_config_data(**overrides))
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +142,10 @@ def test_weak_stage_keeps_the_decoder(
     synthetic_manifest: Path, tmp_path: Path, train_encoder: bool
 ):
     config = small_config(
-        training__hard={"max_epochs": 0},
-        training__weak={"max_epochs": 1, "train_encoder": train_encoder},
+        training={
+            "hard": {"max_epochs": 0},
+            "weak": {"max_epochs": 1, "train_encoder": train_encoder},
+        },
     )
     data = prepared(config, synthetic_manifest, tmp_path / "run")
     plans = build_plans(config, "nodule", data.split("train"), data.split("val"), data.cached)
@@ -236,8 +209,7 @@ def test_a_member_learns_its_finding(tmp_path: Path):
         findings=findings,
         preprocessing={"size": 64, "clahe_tile_grid": 4},
         split={"fractions": [0.7, 0.15, 0.15]},
-        training__hard={"max_epochs": 6},
-        training__weak={"max_epochs": 0},
+        training={"hard": {"max_epochs": 6}, "weak": {"max_epochs": 0}},
     )
     data = prepared(config, manifest, tmp_path / "run")
     plans = build_plans(config, "cardiomegaly", data.split("train"), data.split("val"), data.cached)

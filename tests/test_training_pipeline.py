@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import DATA
+from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.imaging.decode import load_image
 from scxnn_node.imaging.preprocess import preprocess_image
@@ -20,7 +21,6 @@ from scxnn_node.model.bundle import load_bundle, verify_bundle
 from scxnn_node.model.engine import InferenceEngine
 from training.cli import main as train_cli
 
-FINDINGS = ["pneumothorax", "nodule", "cardiomegaly"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -33,27 +33,8 @@ def _cli(*args: str | Path) -> int:
     return train_cli(["--log-level", "WARNING", "--no-progress", *map(str, args)])
 
 
-def _config(path: Path, **extra: object) -> Path:
-    data = {
-        "name": "pipeline-test",
-        "demo": True,
-        "findings": FINDINGS,
-        "architecture": "densenet_small",
-        "preprocess_workers": 2,
-        "preprocessing": {"size": 32, "clahe_tile_grid": 2},
-        "split": {"fractions": [0.6, 0.25, 0.15]},
-        "training": {
-            "batch_size": 8,
-            "num_workers": 0,
-            "device": "cpu",
-            "mask_dilation_px": 1,
-            "hard": {"max_epochs": 2},
-            "weak": {"max_epochs": 1},
-        },
-        "second_stage": {"target_sensitivity": 0.9},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(data))
+def _config(path: Path, **overrides: object) -> Path:
+    path.write_text(yaml.safe_dump(small_config_data(name="pipeline-test", **overrides)))
     return path
 
 

@@ -15,6 +15,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AugmentSpec:
+    """Augmentation parameters; validated at construction."""
+
+    # Read by pydantic where a config file holds this spec: unknown keys are refused.
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012
+
     enabled: bool = True
     shift_fraction: float = 0.05  # of the image side, each axis
     rotation_degrees: float = 10.0

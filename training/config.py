@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from scxnn_node.config import read_yaml_mapping, validated
 from scxnn_node.findings import THESIS_CATALOGUE, FindingCatalogue
@@ -22,44 +22,6 @@ from training.augment import AugmentSpec
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PreprocessingSection(_Section):
-    size: int = 1024
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    clahe_clip_limit: float = 2.0
-    clahe_tile_grid: int = 8
-    interpolation: str = "area"
-
-    @model_validator(mode="after")
-    def _valid_spec(self) -> PreprocessingSection:
-        self.spec()  # PreprocessSpec validates and names the parameter
-        return self
-
-    def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(**self.model_dump())
-
-
-class AugmentationSection(_Section):
-    enabled: bool = True
-    shift_fraction: float = 0.05
-    rotation_degrees: float = 10.0
-    gamma_range: tuple[float, float] = (0.8, 1.25)
-    sharpen_probability: float = 0.25
-    sharpen_amount: float = 1.0
-    blur_probability: float = 0.25
-    blur_sigma_range: tuple[float, float] = (0.5, 1.2)
-    noise_probability: float = 0.3
-    noise_std: float = 0.02
-
-    @model_validator(mode="after")
-    def _valid_spec(self) -> AugmentationSection:
-        self.spec()
-        return self
-
-    def spec(self) -> AugmentSpec:
-        return AugmentSpec(**self.model_dump())
 
 
 class StageSection(_Section):
@@ -91,7 +53,7 @@ class TrainingSection(_Section):
     optimiser: OptimiserSection = OptimiserSection()
     hard: StageSection = StageSection()
     weak: WeakStageSection = WeakStageSection()
-    augmentation: AugmentationSection = AugmentationSection()
+    augmentation: AugmentSpec = AugmentSpec()
 
 
 class SecondStageSection(_Section):
@@ -127,7 +89,8 @@ class TrainingConfig(_Section):
     seed: int = 0
     cache_dir: Path | None = None  # default: <run_dir>/cache
     preprocess_workers: int = Field(2, ge=1)
-    preprocessing: PreprocessingSection = PreprocessingSection()
+    # The frozen dataclasses the pipeline uses are the sections themselves: one definition.
+    preprocessing: PreprocessSpec = PreprocessSpec()
     split: SplitSection = SplitSection()
     training: TrainingSection = TrainingSection()
     second_stage: SecondStageSection = SecondStageSection()

@@ -86,7 +86,7 @@ def export_bundle(
         demo=config.demo,
         intended_use=config.intended_use,
         findings=config.catalogue,
-        preprocessing=config.preprocessing.spec(),
+        preprocessing=config.preprocessing,
         architecture=config.architecture,
         operating_point=operating_point,
         training_data=TrainingData(

@@ -157,7 +157,7 @@ def prepare_run(
         _write_json(run / DATASET_FILE, dataset_summary(manifest, config.findings))
         write_manifest(run / RESOLVED_MANIFEST, _resolved_rows(manifest), manifest.findings)
     cache_root = config.cache_dir or run / "cache"
-    spec = config.preprocessing.spec()
+    spec = config.preprocessing
     if dist_info.distributed and not dist_info.is_main:
         dist.barrier()  # rank 0 fills the cache first
     cached = build_cache(

@@ -380,7 +380,7 @@ class MemberTrainer:
             self.finding,
             self.size,
             self.tc.mask_dilation_px,
-            self.tc.augmentation.spec(),
+            self.tc.augmentation,
             self._seed_parts(stage_index),
         )
         dataset.set_epoch(epoch)

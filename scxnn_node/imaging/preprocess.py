@@ -22,6 +22,9 @@ _INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": 
 class PreprocessSpec:
     """All preprocessing parameters; validated at construction."""
 
+    # Read by pydantic where a config file holds this spec: unknown keys are refused.
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012
+
     size: int = 1024
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
