@@ -257,3 +257,18 @@ def test_one_member_on_two_processes_with_torchrun(trained_run: dict[str, Path],
     assert (d / "done.json").exists() and (d / "member.safetensors").exists()
     rows = _csv_rows(d / "metrics.csv")
     assert [r["stage"] for r in rows] == ["hard", "hard", "weak"]
+
+
+def test_import_command_validates_what_it_writes(tmp_path: Path, capsys):
+    root = tmp_path / "ds"
+    for cls in ("normal", "viral_pneumonia"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "person1_x.png").write_bytes(b"")  # empty: found, but not an image
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("classes: {normal: normal, viral_pneumonia: interstitial_opacity}\n")
+    out = tmp_path / "manifest.csv"
+    assert _cli("import-folders", "--root", root, "--mapping", mapping, "--out", out) == 0
+    assert "2 images, findings ['interstitial_opacity']" in capsys.readouterr().out
+    mapping.write_text("classes: {normal: normal}\n")
+    assert _cli("import-folders", "--root", root, "--mapping", mapping, "--out", out) == 1
+    assert "class 'viral_pneumonia' is not in the mapping" in capsys.readouterr().err

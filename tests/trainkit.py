@@ -14,7 +14,7 @@ def small_config_data(**overrides: Any) -> dict[str, Any]:
         "demo": True,
         "findings": FINDINGS,
         "architecture": "densenet_small",
-        "preprocess_workers": 1,
+        "preprocess_workers": 2,  # the process pool is exercised
         "preprocessing": {"size": 32, "clahe_tile_grid": 2},
         "split": {"fractions": [0.6, 0.25, 0.15]},
         "training": {

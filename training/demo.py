@@ -46,7 +46,7 @@ def build_demo_bundle(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scxnn-demo-") as tmp:
         manifest = write_synthetic_dataset(
-            Path(tmp) / "data", count, source_size, seed, config.findings
+            Path(tmp) / "data", count, source_size, seed, config.findings, weak_fraction=0.15
         )
         fit_run(config, manifest, Path(tmp) / "run", progress=progress)
         written = export_bundle(
