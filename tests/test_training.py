@@ -251,3 +251,36 @@ def test_synthetic_dataset_writes_images_masks_and_manifest(tmp_path: Path):
     assert e.label(name) == 1
     pixels = cv2.imread(str(e.image), cv2.IMREAD_UNCHANGED)
     assert pixels.dtype == np.uint16 and cv2.imread(ref, cv2.IMREAD_GRAYSCALE).shape == pixels.shape
+
+
+def test_stage_one_starts_from_a_local_imagenet_file(tmp_path: Path):
+    from safetensors.torch import save_file
+    from torchvision.models import DenseNet
+
+    from scxnn_node.model.member import architecture
+
+    spec = architecture("densenet_small")
+    torch.manual_seed(1)
+    rgb = DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features, spec.bn_size)
+    weights = tmp_path / "imagenet.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(weights))
+    trainer = MemberTrainer(
+        small_config(imagenet_weights=str(weights)), "nodule", tmp_path / "m", progress=False
+    )
+    member = trainer._new_member()
+    features = member.encoder.features
+    torch.testing.assert_close(
+        features.conv0.weight, rgb.features.conv0.weight.sum(1, keepdim=True)
+    )
+    torch.testing.assert_close(
+        features.denseblock2.denselayer1.conv1.weight,
+        rgb.features.denseblock2.denselayer1.conv1.weight,
+    )
+    missing = MemberTrainer(
+        small_config(imagenet_weights=str(tmp_path / "nope.pth")),
+        "nodule",
+        tmp_path / "n",
+        progress=False,
+    )
+    with pytest.raises(FileNotFoundError, match="ImageNet weights file not found"):
+        missing._new_member()
