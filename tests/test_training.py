@@ -284,3 +284,28 @@ def test_stage_one_starts_from_a_local_imagenet_file(tmp_path: Path):
     )
     with pytest.raises(FileNotFoundError, match="ImageNet weights file not found"):
         missing._new_member()
+
+
+@pytest.mark.parametrize(
+    "name", ["thesis-gpu.yaml", "tiny-cpu.yaml", "demo.yaml", "kermany-cpu.yaml"]
+)
+def test_shipped_configs_are_valid(name: str):
+    from training.config import load_training_config
+
+    config = load_training_config(Path(__file__).parents[1] / "training" / "configs" / name)
+    assert config.catalogue.names == [f for f in THESIS_CATALOGUE.names if f in config.findings]
+
+
+def test_config_errors_name_the_key(tmp_path: Path):
+    from scxnn_node.config import ConfigError
+    from training.config import load_training_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("findings: [pneumonia]\ntraining:\n  batchsize: 4\npreprocessing:\n  size: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_training_config(path)
+    text = str(err.value)
+    assert text.startswith(str(path))
+    assert "findings: Value error, unknown findings ['pneumonia']" in text
+    assert "training.batchsize: unknown key" in text
+    assert "PreprocessSpec.size must be an integer in 32..4096" in text
