@@ -14,15 +14,14 @@ import torch.nn.functional as F
 from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.findings import THESIS_CATALOGUE
+from scxnn_node.model.engine import softmax
+from scxnn_node.model.member import NORMAL, OTHERS, TARGET
 from training.augment import AugmentSpec, augment_pair
 from training.config import TrainingConfig, training_config_from
 from training.dataset import ManifestEntry
 from training.fit import PreparedData, prepare_run
 from training.member_training import (
     METRICS_FILE,
-    NORMAL,
-    OTHERS,
-    TARGET,
     MemberTrainer,
     TrainingInterrupted,
     build_plans,
@@ -32,7 +31,7 @@ from training.member_training import (
     multitask_loss,
     reconstruction_target,
 )
-from training.metrics import safe_auc, softmax
+from training.metrics import safe_auc
 from training.synthetic import synthesise_cases, write_synthetic_dataset
 
 

@@ -23,15 +23,13 @@ from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
 from scxnn_node.model.bundle import load_bundle
-from scxnn_node.model.engine import EngineOptions, InferenceEngine
-from scxnn_node.model.member import MEMBER_CLASSES
+from scxnn_node.model.engine import EngineOptions, InferenceEngine, softmax
+from scxnn_node.model.member import MEMBER_CLASSES, TARGET
 from training.cache import build_cache
 from training.dataset import SPLITS, DatasetManifest, ManifestError, load_manifest
-from training.metrics import EvaluationInputs, softmax, triage_metrics
+from training.metrics import EvaluationInputs, triage_metrics
 
 log = logging.getLogger(__name__)
-
-TARGET = MEMBER_CLASSES.index("target")
 
 
 def select_split(manifest: DatasetManifest, split: str) -> tuple[DatasetManifest, str]:

@@ -38,7 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scxnn_node.model.member import MEMBER_CLASSES, MemberNet, load_imagenet_encoder
+from scxnn_node.model.member import (
+    MEMBER_CLASSES,
+    NORMAL,
+    OTHERS,
+    TARGET,
+    MemberNet,
+    load_imagenet_encoder,
+)
 from training.augment import AugmentSpec, augment_pair
 from training.cache import CachedImage
 from training.config import TrainingConfig
@@ -46,7 +53,6 @@ from training.dataset import ManifestEntry
 
 log = logging.getLogger(__name__)
 
-NORMAL, TARGET, OTHERS = (MEMBER_CLASSES.index(c) for c in ("normal", "target", "others"))
 STAGES = ("hard", "weak")
 CHECKPOINT_FILE = "checkpoint.pt"
 WEIGHTS_FILE = "member.safetensors"

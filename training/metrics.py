@@ -20,9 +20,8 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score
 
 from scxnn_node.findings import FindingCatalogue, RiskTier
-from scxnn_node.model.member import MEMBER_CLASSES
-
-TARGET = MEMBER_CLASSES.index("target")
+from scxnn_node.model.engine import softmax
+from scxnn_node.model.member import MEMBER_CLASSES, TARGET
 
 
 def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> list[float] | None:
@@ -49,12 +48,6 @@ def safe_auc(truth: np.ndarray, score: np.ndarray) -> float | None:
     if len(np.unique(truth)) < 2:
         return None
     return float(roc_auc_score(truth, score))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)

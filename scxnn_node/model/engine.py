@@ -17,7 +17,7 @@ import torch
 
 from scxnn_node.model.bundle import Bundle
 from scxnn_node.model.fused import FusedMember
-from scxnn_node.model.member import MEMBER_CLASSES, MemberNet
+from scxnn_node.model.member import MEMBER_CLASSES, OTHERS, TARGET, MemberNet
 from scxnn_node.model.result import (
     UNSPECIFIED_TIER,
     FindingResult,
@@ -194,7 +194,8 @@ class InferenceEngine:
         return not_analysed_result(self.bundle, study_instance_uid, reason)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (member classes), numerically stable."""
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -227,17 +228,16 @@ def result_from_logits(
     else others if any image says others, else normal.
     """
     manifest = bundle.manifest
-    probs = _softmax(logits.astype(np.float64))
+    probs = softmax(logits.astype(np.float64))
     calls = probs.argmax(axis=-1)  # (B, n_members)
     score = float(bundle.second_stage.decision_function(logits.reshape(len(logits), -1)).max())
     threshold = float(manifest.operating_point.threshold)
     findings = []
-    target, others = MEMBER_CLASSES.index("target"), MEMBER_CLASSES.index("others")
     for m, finding in enumerate(manifest.findings):
-        best = int(probs[:, m, target].argmax())
-        if (calls[:, m] == target).any():
+        best = int(probs[:, m, TARGET].argmax())
+        if (calls[:, m] == TARGET).any():
             call = MemberCall.TARGET
-        elif (calls[:, m] == others).any():
+        elif (calls[:, m] == OTHERS).any():
             call = MemberCall.OTHERS
         else:
             call = MemberCall.NORMAL

@@ -17,6 +17,8 @@ from torchvision.models import DenseNet
 
 #: Class order of every member's head.
 MEMBER_CLASSES = ("normal", "target", "others")
+#: Index of each class in a member's logits.
+NORMAL, TARGET, OTHERS = range(len(MEMBER_CLASSES))
 
 # Single-channel input statistics: ImageNet's mean/std averaged over RGB.
 _GRAY_MEAN = 0.449
