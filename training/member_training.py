@@ -152,8 +152,15 @@ class MemberItem:
     label: int  # member class
 
 
+_NO_TARGET = torch.empty(0)
+
+
 class MemberSamples(Dataset):
-    """(image uint8 (1,S,S), class, reconstruction target (1,S,S), has-target weight)."""
+    """(image uint8 (1,S,S), class, reconstruction target (1,S,S), has-target weight).
+
+    Without `with_recon` (the weak-label stage: decoder frozen) no mask is read and the target
+    is an empty tensor: nothing would use it.
+    """
 
     def __init__(
         self,
@@ -163,11 +170,13 @@ class MemberSamples(Dataset):
         dilation_px: int,
         augment: AugmentSpec | None,
         seed_parts: Sequence[int],
+        with_recon: bool = True,
     ) -> None:
         self.items = list(items)
         self.finding = finding
         self.size = size
         self.dilation_px = dilation_px
+        self.with_recon = with_recon
         self.augment = augment
         self.seed_parts = list(seed_parts)
         self.epoch = 0
@@ -181,10 +190,12 @@ class MemberSamples(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, float]:
         item = self.items[index]
         image = item.cached.load_image()
-        mask = item.cached.load_mask(self.finding, self.size)
+        mask = item.cached.load_mask(self.finding, self.size) if self.with_recon else None
         if self.augment is not None:
             rng = np.random.default_rng([*self.seed_parts, self.epoch, index])
             image, mask = augment_pair(image, mask, rng, self.augment)
+        if not self.with_recon:
+            return torch.from_numpy(np.ascontiguousarray(image))[None], item.label, _NO_TARGET, 0.0
         target = reconstruction_target(image, mask, self.dilation_px)
         known = item.label != TARGET or mask is not None
         return (
@@ -388,6 +399,7 @@ class MemberTrainer:
             self.tc.mask_dilation_px,
             self.tc.augmentation,
             self._seed_parts(stage_index),
+            plan.with_recon,
         )
         dataset.set_epoch(epoch)
         order = self._epoch_order(len(dataset), stage_index, epoch)
@@ -437,7 +449,9 @@ class MemberTrainer:
         self, member: MemberNet, plan: StagePlan, class_weights: torch.Tensor | None
     ) -> dict[str, float]:
         items = plan.val or plan.train  # without validation data the training loss decides
-        dataset = MemberSamples(items, self.finding, self.size, self.tc.mask_dilation_px, None, [])
+        dataset = MemberSamples(
+            items, self.finding, self.size, self.tc.mask_dilation_px, None, [], plan.with_recon
+        )
         self._set_modes(member, plan, False)
         view = _TrainingView(member, plan.with_recon)
         sums = np.zeros(4)
