@@ -21,13 +21,13 @@ import numpy as np
 
 from scxnn_node.config import ConfigError, read_yaml_mapping
 from scxnn_node.findings import THESIS_CATALOGUE
+from scxnn_node.imaging.decode import read_dataset
 from training.dataset import (
     RASTER_SUFFIXES,
     RLE_PREFIX,
     ManifestRow,
     decode_siim_rle,
     encode_siim_rle,
-    read_dataset,
     write_manifest,
 )
 

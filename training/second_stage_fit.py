@@ -80,8 +80,8 @@ def choose_operating_point(
     n = len(positives)
     k = np_order_statistic(n, miss_rate, confidence) if miss_rate > 0 else None
     guaranteed = k is not None
+    needed = min_abnormal_for_guarantee(miss_rate, confidence) if miss_rate > 0 else None
     if k is None:
-        needed = min_abnormal_for_guarantee(miss_rate, confidence) if miss_rate > 0 else None
         log.warning(
             "operating point: %d abnormal validation cases; a miss rate <= %.3g at %.0f%% "
             "confidence needs %s. Falling back to the lowest abnormal score; the achieved "
@@ -111,8 +111,6 @@ def choose_operating_point(
             "guarantee_met": guaranteed,
             "miss_rate_upper_bound": bound,
             "confidence_miss_rate_within_target": achieved_confidence,
-            "min_abnormal_for_guarantee": (
-                min_abnormal_for_guarantee(miss_rate, confidence) if miss_rate > 0 else None
-            ),
+            "min_abnormal_for_guarantee": needed,
         },
     )
