@@ -308,3 +308,15 @@ def test_config_errors_name_the_key(tmp_path: Path):
     assert "findings: Value error, unknown findings ['pneumonia']" in text
     assert "training.batchsize: unknown key" in text
     assert "PreprocessSpec.size must be an integer in 32..4096" in text
+
+
+def test_fingerprint_ignores_where_a_run_executes():
+    base = small_config()
+    moved = small_config(
+        preprocess_workers=4,
+        cache_dir="/tmp/elsewhere",
+        training={"num_workers": 3, "device": "auto"},
+    )
+    assert moved.fingerprint() == base.fingerprint()
+    assert small_config(seed=9).fingerprint() != base.fingerprint()
+    assert small_config(training={"batch_size": 4}).fingerprint() != base.fingerprint()

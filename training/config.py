@@ -76,6 +76,13 @@ class SplitSection(_Section):
         return value
 
 
+_RUNTIME_ONLY: dict[str, Any] = {
+    "cache_dir": True,
+    "preprocess_workers": True,
+    "training": {"device": True, "num_workers": True},
+}
+
+
 class TrainingConfig(_Section):
     name: str = "scxnn"  # bundle name
     demo: bool = False  # true for bundles that must not be mistaken for clinical ones
@@ -120,8 +127,11 @@ class TrainingConfig(_Section):
         return THESIS_CATALOGUE.subset(self.findings)
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes training; a resumed run must match it."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Hash of everything that shapes training; a resumed run (or a member trained on
+        another machine) must match it. Where and how fast it runs is left out: device,
+        loader and preprocessing processes, cache location."""
+        data = self.model_dump(mode="json", exclude=_RUNTIME_ONLY)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
