@@ -24,15 +24,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+# `python bench/X.py` puts bench/ first on sys.path, where bench/training.py would shadow the
+# training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from nodekit import Storescp, node_config, sample_copies, storescu
 
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.node import Node
+from scxnn_node.testing.dcmtk import Storescp, storescu
+from scxnn_node.testing.loopback import node_config
+from scxnn_node.testing.samples import sample_copies
 from scxnn_node.triage import prepare_instance
 from training.untrained import untrained_bundle
 

@@ -23,12 +23,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+# `python bench/X.py` puts bench/ first on sys.path, where bench/training.py would shadow the
+# training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.findings import THESIS_CATALOGUE
-from scxnn_node.model.engine import BACKENDS, EngineOptions, InferenceEngine
+from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.member import MemberNet
+from scxnn_node.model.options import BACKENDS, EngineOptions
 from training.untrained import untrained_bundle
 
 

@@ -16,15 +16,12 @@ import argparse
 import multiprocessing as mp
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from nodekit import free_port, node_config, sample_copies
+from scxnn_node.testing.loopback import free_port, node_config
+from scxnn_node.testing.samples import sample_copies
 
 
 def run_node_scp(workdir: str, port: int, ready: mp.Event, stop: mp.Event) -> None:

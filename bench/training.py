@@ -21,11 +21,15 @@ from pathlib import Path
 
 import torch
 
+# `python bench/X.py` puts bench/ first on sys.path, where bench/training.py would shadow the
+# training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import training_config_from
 from training.fit import prepare_run
-from training.member_training import METRICS_FILE, MemberTrainer, build_plans
+from training.member_data import build_plans
+from training.member_training import MemberTrainer
+from training.run_layout import METRICS_FILE
 from training.synthetic import write_synthetic_dataset
 
 THESIS_HARD_TRAIN_IMAGES = 5400

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the node, its tests and benchmarks need: Debian packages (dcmtk for the
 # DICOM peers and encoders, dicom3tools for dciodvfy, postgresql for the PostgreSQL tests,
-# openssl for the TLS tests) and a virtual environment in .venv.
+# openssl for the TLS tests, orthanc as a real PACS in an end-to-end test) and a virtual
+# environment in .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dcmtk dicom3tools postgresql openssl)
+apt_packages=(dcmtk dicom3tools postgresql openssl orthanc orthanc-dicomweb)
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -11,14 +11,14 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+# Only light modules at the top: status, jobs, deliveries, echo, check-config and --help must
+# not pay for torch (seconds of CPU on a busy node); the commands that run the model import it.
 from scxnn_node.config import ConfigError, NodeConfig, load_config
-from scxnn_node.imaging.decode import ImageRejected
-from scxnn_node.logs import configure_logging
-from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE, BundleError, load_bundle, verify_bundle
-from scxnn_node.model.engine import BACKENDS, PRECISIONS, EngineOptions, InferenceEngine
+from scxnn_node.logs import configure_logging, redact_url, short_hash
+from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE, BundleError, verify_bundle
+from scxnn_node.model.options import BACKENDS, PRECISIONS
 from scxnn_node.model.result import StudyResult
-from scxnn_node.store.db import Database, short_hash
-from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
+from scxnn_node.store.db import Database, SchemaMismatch
 
 log = logging.getLogger("scxnn_node")
 
@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path)
     with_config(sub.add_parser("demo", help="run the whole flow with a loopback PACS"))
+    database = sub.add_parser("db", help="database schema")
+    dbsub = database.add_subparsers(dest="db_command", required=True)
+    with_config(dbsub.add_parser("upgrade", help="upgrade the schema in place (back up first)"))
 
     bundle = sub.add_parser("bundle", help="inspect model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     show = bsub.add_parser("show", help="print a bundle's manifest summary")
     show.add_argument("dir", type=Path)
     show.add_argument("--json", action="store_true")
+    show.add_argument("--card", action="store_true", help="print the model card too")
     return parser
 
 
@@ -127,6 +131,12 @@ def _format_result(result: StudyResult) -> str:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from scxnn_node.imaging.decode import ImageRejected
+    from scxnn_node.model.bundle import load_bundle
+    from scxnn_node.model.engine import InferenceEngine
+    from scxnn_node.model.options import EngineOptions
+    from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
+
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -206,7 +216,37 @@ def _bundle(args: argparse.Namespace) -> int:
         print(f"  {f.name:<24} {f.tier.value:<13} {f.code.scheme}:{f.code.value}")
     for line in manifest.changelog:
         print(f"changelog:     {line}")
+    print(f"precision:     {manifest.precision or 'not recorded'} (thresholds set at)")
+    for line in _safety_net_lines(args.dir, manifest.files):
+        print(line)
+    if args.card:
+        from scxnn_node.model.manifest import MODEL_CARD_FILE
+
+        card = args.dir / MODEL_CARD_FILE
+        print("\n" + (card.read_text() if MODEL_CARD_FILE in manifest.files else "no model card"))
     return 0
+
+
+def _safety_net_lines(bundle_dir: Path, files: dict[str, str]) -> list[str]:
+    """One line per critical finding: its threshold and guarantee, or what it lacks."""
+    from scxnn_node.model.safety_net import SAFETY_NET_FILE, CriticalSafetyNet, CriticalThreshold
+
+    if SAFETY_NET_FILE not in files:
+        return ["safety net:    none (no critical-finding rule in this bundle)"]
+    net = CriticalSafetyNet.from_dict(json.loads((bundle_dir / SAFETY_NET_FILE).read_text()))
+    lines = [f"safety net:    {'guaranteed' if net.guarantee_met else 'GUARANTEE NOT MET'}"]
+    for t in net.thresholds:
+        bound = f"miss rate <= {t.miss_rate_upper_bound:.3f} at {t.confidence:.0%} confidence"
+        if isinstance(t, CriticalThreshold):
+            k = f"k={t.order_statistic_k} of {t.n_positive} positives"
+            state = f"threshold {t.threshold:.4f}, {bound} ({k})"
+        else:
+            rule = "never fires" if t.threshold is None else f"threshold {t.threshold:.4f}"
+            state = (
+                f"NOT ENOUGH POSITIVES: {t.available} of {t.needed} needed; {rule}, {bound}"
+            )
+        lines.append(f"  {t.finding:<24} {state}")
+    return lines
 
 
 def _serve(config: NodeConfig) -> int:
@@ -283,6 +323,11 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         )
         return 0 if ok else 1
     db = Database(config.database.url)
+    if args.command == "db":
+        before, after = db.upgrade_schema()
+        done = "already at" if before == after else f"upgraded from {before or 'nothing'} to"
+        print(f"database {db.shown_url}: schema {done} revision {after}")
+        return 0
     db.create_schema()
     if args.command == "status":
         from scxnn_node.status import format_status, node_status
@@ -316,12 +361,15 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         if args.id is None and not args.all_dead:
             print("scxnn-node: deliveries retry needs an ID or --all-dead", file=sys.stderr)
             return 2
-        from scxnn_node.dispatcher import Dispatcher
-        from scxnn_node.store.spool import Spool
+        from scxnn_node.store.results import retry_deliveries
 
-        dispatcher = Dispatcher(config, db, Spool(config.storage.spool_dir))
-        print(f"{dispatcher.retry(args.id, all_dead=args.all_dead)} delivery(ies) back to pending")
-        return 0
+        outcome = retry_deliveries(
+            db, config.storage.spool_dir, args.id, all_dead=args.all_dead
+        )
+        print(f"{outcome.retried} delivery(ies) back to pending")
+        for delivery_id, why in outcome.missing:
+            print(f"delivery {delivery_id} not retried: {why}")
+        return 1 if outcome.missing else 0
     raise AssertionError(args.command)
 
 
@@ -340,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(
             f"{args.file}: valid; {len(config.destinations)} destination(s), "
-            f"bundle {config.model.bundle}, database {config.database.url}"
+            f"bundle {config.model.bundle}, database {redact_url(config.database.url)}"
         )
         return 0
     try:
@@ -349,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scxnn-node: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.json_format)
-    return _operate(args, config)
+    try:
+        return _operate(args, config)
+    except SchemaMismatch as exc:  # an old schema: the message names `scxnn-node db upgrade`
+        print(f"scxnn-node: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

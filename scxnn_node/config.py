@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, SelectionPolicy
-from scxnn_node.model.engine import BACKENDS, PRECISIONS
+from scxnn_node.model.options import check_backend, check_device, check_precision
 
 ENV_PREFIX = "SCXNN__"
 _M = TypeVar("_M", bound="BaseModel")
@@ -76,6 +76,8 @@ class StorageSection(_Section):
     spool_dir: Path = Path("var/spool")
     min_free_bytes: int = Field(default=1 << 30, ge=0)  # below this C-STORE answers 0xA700
     retention_days: float = Field(default=7.0, gt=0)
+    # A finished study's files are kept this long after its last instance (None: retention_days).
+    amendment_window_days: float | None = Field(default=None, gt=0)
 
 
 class DatabaseSection(_Section):
@@ -84,32 +86,12 @@ class DatabaseSection(_Section):
 
 class ModelSection(_Section):
     bundle: Path = Path("var/bundles/demo")
-    devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    devices: list[Annotated[str, AfterValidator(check_device)]] = Field(
+        default_factory=lambda: ["cpu"], min_length=1
+    )
     batch_size: int | None = Field(default=None, ge=1)
-    precision: str = "auto"
-    backend: str = "eager"
-
-    @field_validator("devices")
-    @classmethod
-    def _devices(cls, value: list[str]) -> list[str]:
-        for device in value:
-            if not (device == "cpu" or device.startswith("cuda")):
-                raise ValueError(f"device {device!r} must be 'cpu' or 'cuda:N'")
-        return value
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"must be one of {list(BACKENDS)}")
-        return value
-
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"must be one of {list(PRECISIONS)}")
-        return value
+    precision: Annotated[str, AfterValidator(check_precision)] = "auto"
+    backend: Annotated[str, AfterValidator(check_backend)] = "eager"
 
 
 class StudySection(_Section):
@@ -136,6 +118,7 @@ class DeliverySection(_Section):
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=5.0, gt=0)  # doubled after each failure
     max_backoff_seconds: float = Field(default=600.0, gt=0)
+    lease_seconds: float = Field(default=600.0, gt=0)  # a claimed delivery is retaken after this
 
 
 class WorkerSection(_Section):
@@ -143,6 +126,7 @@ class WorkerSection(_Section):
     heartbeat_seconds: float = Field(default=30.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=10.0, ge=0)  # doubled after each failed attempt
 
 
 class SchedulerSection(_Section):

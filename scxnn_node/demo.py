@@ -1,6 +1,7 @@
 """`scxnn-node demo`: the whole flow on one machine, with a loopback receiver as the PACS.
 
-Builds the demo bundle if it is missing, starts the node (SCP, scheduler, a worker), starts a
+Runs the bundle of config's model.bundle (`scxnn-train demo-bundle` builds the demo bundle;
+`make demo` does so when it is missing), starts the node (SCP, scheduler, a worker), starts a
 receiver standing in for the PACS, sends the bundled sample studies, waits for their SR and
 summary image, prints each study's verdict and where its outputs landed, and shuts down.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
+import sys
 import time
 from pathlib import Path
 
@@ -22,18 +23,13 @@ from sqlalchemy import select
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scu import Peer, is_success, send_files
-from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE
+from scxnn_node.model.manifest import MANIFEST_FILE, NOT_FOR_CLINICAL_USE
 from scxnn_node.node import Node
-from scxnn_node.store.models import Delivery, Result
+from scxnn_node.store.models import Delivery, DeliveryState, OutputKind, Result
+from scxnn_node.testing.loopback import free_port
 
 log = logging.getLogger(__name__)
 SAMPLES = Path(__file__).parent / "samples"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LoopbackReceiver:
@@ -70,7 +66,7 @@ class LoopbackReceiver:
 
 def demo_config(base: NodeConfig, workdir: Path, receiver_port: int) -> NodeConfig:
     raw = base.model_dump(mode="json")
-    raw["node"] = {**raw["node"], "host": "127.0.0.1", "port": _free_port()}
+    raw["node"] = {**raw["node"], "host": "127.0.0.1", "port": free_port()}
     raw["allowed_callers"] = [{"ae_title": "DEMOSCU"}]
     raw["storage"] = {**raw["storage"], "spool_dir": str(workdir / "spool"), "min_free_bytes": 0}
     raw["database"] = {"url": f"sqlite:///{workdir / 'node.db'}"}
@@ -91,13 +87,16 @@ def demo_config(base: NodeConfig, workdir: Path, receiver_port: int) -> NodeConf
 
 def run_demo(base: NodeConfig, workdir: Path = Path("var/demo"), timeout: float = 600) -> int:
     bundle = Path(base.model.bundle)
-    if not (bundle / "manifest.json").is_file():
-        from training.demo import build_demo_bundle
-
-        print(f"building the demo bundle in {bundle} (a few minutes on a CPU) ...", flush=True)
-        build_demo_bundle(bundle)
+    if not (bundle / MANIFEST_FILE).is_file():
+        print(
+            f"scxnn-node: no bundle at {bundle} (config model.bundle). Build the demo bundle "
+            f"with `scxnn-train demo-bundle --out {bundle}` (a few minutes on a CPU), or run "
+            "`make demo`, which builds it when it is missing.",
+            file=sys.stderr,
+        )
+        return 2
     shutil.rmtree(workdir, ignore_errors=True)
-    receiver_port = _free_port()
+    receiver_port = free_port()
     config = demo_config(base, workdir, receiver_port)
     receiver = LoopbackReceiver(workdir / "pacs", receiver_port)
     receiver.start()
@@ -122,7 +121,7 @@ def run_demo(base: NodeConfig, workdir: Path = Path("var/demo"), timeout: float 
             if (
                 len(results) >= len(studies)
                 and deliveries
-                and all(d.state in ("sent", "dead") for d in deliveries)
+                and all(d.state in (DeliveryState.SENT, DeliveryState.DEAD) for d in deliveries)
             ):
                 break
             time.sleep(0.5)
@@ -137,7 +136,7 @@ def run_demo(base: NodeConfig, workdir: Path = Path("var/demo"), timeout: float 
                 if d.result_id == result.id:
                     uid = (
                         result.sr_sop_instance_uid
-                        if d.kind == "sr"
+                        if d.kind == OutputKind.SR
                         else result.summary_sop_instance_uid
                     )
                     landed = next(receiver.directory.glob(f"*_{uid}.dcm"), None)
@@ -145,7 +144,7 @@ def run_demo(base: NodeConfig, workdir: Path = Path("var/demo"), timeout: float 
         demo = any(json.loads(r.result_json)["bundle"]["demo"] for r in results)
         if demo:
             print(NOT_FOR_CLINICAL_USE + ": results of the demo bundle (synthetic training data)")
-        return 0 if all(d.state == "sent" for d in deliveries) else 1
+        return 0 if all(d.state == DeliveryState.SENT for d in deliveries) else 1
     finally:
         node.stop()
         receiver.stop()

@@ -1,17 +1,25 @@
-"""Delivery of results: each pending delivery is sent, retried with backoff, or dead-lettered."""
+"""Delivery of results: the dispatcher claims due deliveries under a lease and sends each; a
+failure is retried with backoff or dead-lettered, and fails only its own delivery."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections import defaultdict
 from datetime import timedelta
 
-from sqlalchemy import select, update
-
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scu import Peer, is_success, send_files
-from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery
+from scxnn_node.store.db import Database
+from scxnn_node.store.results import (
+    Attempt,
+    DueDelivery,
+    claim_due_deliveries,
+    missing_output,
+    record_attempts,
+)
 from scxnn_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -22,6 +30,9 @@ class Dispatcher:
         self.config = config
         self.db = db
         self.spool = spool
+        # The lease owner: unique per dispatcher, even for two in one process (tests, bench).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:dispatcher:{uuid.uuid4().hex[:8]}"
+        self.lease = timedelta(seconds=config.delivery.lease_seconds)
 
     def backoff(self, attempts: int) -> timedelta:
         d = self.config.delivery
@@ -30,89 +41,50 @@ class Dispatcher:
         )
 
     def deliver_due(self, limit: int = 200) -> int:
-        """Send every delivery whose time has come; returns how many were sent."""
-        now = utc_now()
-        with self.db.session() as session:
-            due = session.execute(
-                select(Delivery.id, Delivery.destination, Delivery.path)
-                .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)
-                .limit(limit)
-            ).all()
-        by_destination: dict[str, list[tuple[int, str]]] = defaultdict(list)
-        for delivery_id, destination, path in due:
-            by_destination[destination].append((delivery_id, path))
-        sent = 0
+        """Claim up to `limit` due deliveries and send them; returns how many were sent."""
+        by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
+        unsendable: list[Attempt] = []
+        for due in claim_due_deliveries(self.db, self.owner, limit, self.lease):
+            why = missing_output(self.spool.root, due.path)
+            if why is None:
+                by_destination[due.destination].append(due)
+            else:  # a file that is not there will not appear by waiting
+                unsendable.append(Attempt(due.id, why, final=True))
+        sent = self._record(unsendable)
         for name, items in by_destination.items():
-            try:
-                peer = Peer.of(self.config.destination(name))
-            except KeyError as exc:
-                self._record(items, [None] * len(items), str(exc), dead=True)
-                continue
-            paths = [self.spool.absolute(path) for _, path in items]
-            missing = [p for p in paths if not p.is_file()]
-            if missing:
-                log.error("outbox file missing: %s", missing[0])
-            try:
-                statuses = send_files(peer, self.config.node.ae_title, paths)
-                error = "association failed" if all(s is None for s in statuses) else None
-            except Exception as exc:  # an unreachable peer must not stop the other ones
-                statuses, error = [None] * len(items), str(exc)
-            sent += self._record(items, statuses, error)
+            sent += self._record(self._send(name, items))
         return sent
 
-    def _record(
-        self,
-        items: list[tuple[int, str]],
-        statuses: list[int | None],
-        error: str | None,
-        dead: bool = False,
-    ) -> int:
-        now = utc_now()
-        sent = 0
-        max_attempts = self.config.delivery.max_attempts
-        with self.db.session() as session:
-            for (delivery_id, _path), status in zip(items, statuses, strict=True):
-                delivery = session.get(Delivery, delivery_id)
-                if delivery is None or delivery.state != "pending":
-                    continue
-                delivery.attempts += 1
-                delivery.updated_at = now
-                if is_success(status):
-                    delivery.state = "sent"
-                    delivery.last_error = None
-                    sent += 1
-                    continue
-                if status is not None:
-                    delivery.last_error = f"status 0x{status:04X}"
-                else:
-                    delivery.last_error = error or "not sent"
-                if dead or delivery.attempts >= max_attempts:
-                    delivery.state = "dead"
-                    log.error(
-                        "delivery %d to %s dead after %d attempts: %s",
-                        delivery.id,
-                        delivery.destination,
-                        delivery.attempts,
-                        delivery.last_error,
-                    )
-                else:
-                    delivery.next_attempt_at = now + self.backoff(delivery.attempts)
-        return sent
-
-    def retry(self, delivery_id: int | None = None, all_dead: bool = False) -> int:
-        """Dead (or any pending) deliveries back to pending, due now, attempts reset."""
-        stmt = update(Delivery)
-        if delivery_id is not None:
-            stmt = stmt.where(Delivery.id == delivery_id)
-        elif all_dead:
-            stmt = stmt.where(Delivery.state == "dead")
-        else:
-            raise ValueError("retry needs a delivery id or all_dead")
-        with self.db.session() as session:
-            res = session.execute(
-                stmt.where(Delivery.state != "sent").values(
-                    state="pending", attempts=0, next_attempt_at=utc_now(), updated_at=utc_now()
-                )
+    def _send(self, destination: str, items: list[DueDelivery]) -> list[Attempt]:
+        """One association to `destination` for all of `items`; an attempt per item."""
+        try:
+            peer = Peer.of(self.config.destination(destination))
+        except KeyError as exc:  # removed from the config while deliveries waited
+            return [Attempt(d.id, str(exc.args[0]), final=True) for d in items]
+        try:
+            statuses = send_files(
+                peer, self.config.node.ae_title, [self.spool.absolute(d.path) for d in items]
             )
-            return res.rowcount
+            error = "association failed" if all(s is None for s in statuses) else None
+        except Exception as exc:  # an unreachable peer must not stop the other ones
+            statuses, error = [None] * len(items), f"{type(exc).__name__}: {exc}"
+        return [
+            Attempt(d.id, _failure(status, error))
+            for d, status in zip(items, statuses, strict=True)
+        ]
+
+    def _record(self, attempts: list[Attempt]) -> int:
+        if not attempts:
+            return 0
+        return record_attempts(
+            self.db, self.owner, attempts, self.config.delivery.max_attempts, self.backoff
+        )
+
+
+def _failure(status: int | None, error: str | None) -> str | None:
+    """None for a successful C-STORE, otherwise why the file was not stored."""
+    if is_success(status):
+        return None
+    if status is not None:
+        return f"status 0x{status:04X}"
+    return error or "not sent"

@@ -170,7 +170,9 @@ def _finding(name: str, tier: RiskTier, snomed: str | None, meaning: str) -> Fin
     return Finding(name, tier, FindingCode(f"SCXNN-{name.upper()}", PRIVATE_SCHEME, meaning))
 
 
-# SNOMED CT only where the concept matches exactly; the rest use the private scheme.
+# SNOMED CT only where the concept matches exactly; the rest use the private scheme. Tiers are
+# thesis Table 1's (its right column continues "Urgent" with advanced tuberculosis and
+# atelectasis before "Non-urgent" starts at support device).
 THESIS_CATALOGUE = FindingCatalogue(
     [
         _finding("pneumothorax", RiskTier.CRITICAL, "36118008", "Pneumothorax"),
@@ -181,7 +183,7 @@ THESIS_CATALOGUE = FindingCatalogue(
         _finding("consolidation", RiskTier.URGENT, "95436008", "Lung consolidation"),
         _finding("active_tuberculosis", RiskTier.URGENT, None, "Active tuberculosis"),
         _finding("advanced_tuberculosis", RiskTier.URGENT, None, "Advanced tuberculosis"),
-        _finding("atelectasis", RiskTier.NON_URGENT, "46621007", "Atelectasis"),
+        _finding("atelectasis", RiskTier.URGENT, "46621007", "Atelectasis"),
         _finding("support_device", RiskTier.NON_URGENT, None, "Support device"),
         _finding("pleural_calcification", RiskTier.NON_URGENT, None, "Pleural calcification"),
         _finding("interstitial_opacity", RiskTier.NON_URGENT, None, "Interstitial opacity"),

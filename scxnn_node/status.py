@@ -1,13 +1,18 @@
-"""What `scxnn-node status` reports: counts per state, oldest waiting study, last errors."""
+"""What `scxnn-node status` reports: counts per state, live workers, oldest waiting study,
+studies not analysed and why, last errors."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import func, select
 
-from scxnn_node.store.db import Database, short_hash, utc_now
-from scxnn_node.store.models import Delivery, Event, Instance, Job, Study
+from scxnn_node.logs import short_hash
+from scxnn_node.model.result import Verdict
+from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.models import Delivery, Event, Instance, Job, Result, Study, StudyState
+from scxnn_node.store.workers import live_workers
 
 
 def node_status(db: Database, errors: int = 5) -> dict[str, Any]:
@@ -22,9 +27,19 @@ def node_status(db: Database, errors: int = 5) -> dict[str, Any]:
         ):
             rows = session.execute(select(model.state, func.count()).group_by(model.state)).all()
             report[name] = {state: count for state, count in rows}
+        report["workers"] = [
+            {
+                "owner": w.owner,
+                "device": w.device,
+                "bundle_version": w.bundle_version,
+                "job": w.job_id,
+                "beat_seconds_ago": round((now - w.beat_at).total_seconds(), 1),
+            }
+            for w in live_workers(session)
+        ]
         oldest = session.execute(
             select(Study.study_instance_uid, Study.last_received_at)
-            .where(Study.state.in_(["receiving", "queued"]))
+            .where(Study.state.in_([StudyState.RECEIVING, StudyState.QUEUED]))
             .order_by(Study.last_received_at)
             .limit(1)
         ).first()
@@ -36,6 +51,19 @@ def node_status(db: Database, errors: int = 5) -> dict[str, Any]:
                 "waiting_seconds": round((now - oldest.last_received_at).total_seconds(), 1),
             }
         )
+        report["not_analysed"] = [
+            {
+                "at": at.isoformat(),
+                "study": short_hash(study_uid),
+                "reason": json.loads(result_json).get("reason") or "",
+            }
+            for study_uid, at, result_json in session.execute(
+                select(Result.study_instance_uid, Result.created_at, Result.result_json)
+                .where(Result.verdict == Verdict.NOT_ANALYSED)
+                .order_by(Result.id.desc())
+                .limit(errors)
+            )
+        ]
         last: list[dict[str, Any]] = []
         for job in session.execute(
             select(Job)
@@ -80,11 +108,28 @@ def format_status(report: dict[str, Any]) -> str:
         counts = report[name]
         text = ", ".join(f"{state} {count}" for state, count in sorted(counts.items())) or "none"
         lines.append(f"{name:<11} {text}")
+    live = report["workers"]
+    lines.append(
+        f"{'workers':<11} "
+        + (
+            ", ".join(
+                f"{w['owner']} (bundle {w['bundle_version']}, "
+                + (f"job {w['job']})" if w["job"] is not None else "idle)")
+                for w in live
+            )
+            or "none alive"
+        )
+    )
     oldest = report["oldest_waiting_study"]
     lines.append(
         "oldest waiting study: "
         + ("none" if oldest is None else f"{oldest['study']} for {oldest['waiting_seconds']} s")
     )
+    if report["not_analysed"]:
+        lines.append("not analysed:")
+        lines.extend(
+            f"  {n['at']}  study {n['study']}: {n['reason']}" for n in report["not_analysed"]
+        )
     if report["last_errors"]:
         lines.append("last errors:")
         lines.extend(f"  {e['at']}  {e['what']}: {e['error']}" for e in report["last_errors"])

@@ -2,49 +2,76 @@
 
 A crash at any point leaves either nothing (the job's lease expires and it runs again) or the
 whole outcome (result, output files, deliveries and the job's completion commit together), so
-a study never gets two SRs for the same input.
+a study never gets two SRs for the same input. Outputs go to paths unique to the attempt and
+are written only after the lease is checked; a worker whose lease is gone, or that is asked to
+stop (the study is handed back), stops at the next step and makes nothing visible. An instance
+the worker cannot use is marked unusable and its study is triaged from the others.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
+import signal
 import socket
 import threading
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from sqlalchemy import select
+from pydicom.uid import UID, generate_uid
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.sr import build_triage_sr
 from scxnn_node.dicom.summary import build_summary_image
-from scxnn_node.imaging.decode import ImageRejected
+from scxnn_node.imaging.decode import ImageRejected, read_dataset
+from scxnn_node.logs import short_hash
 from scxnn_node.model.bundle import Bundle, load_bundle
 from scxnn_node.model.engine import EngineOptions, InferenceEngine
 from scxnn_node.model.result import StudyResult, Verdict
-from scxnn_node.store.db import Database, short_hash, utc_now
-from scxnn_node.store.models import Delivery, Instance, Result, Study
-from scxnn_node.store.queue import ClaimedJob, JobQueue
+from scxnn_node.store import workers
+from scxnn_node.store.assembly import mark_instances_unusable, mark_study_reported
+from scxnn_node.store.db import Database
+from scxnn_node.store.models import OutputKind
+from scxnn_node.store.queue import ClaimedJob, JobQueue, LostLease
+from scxnn_node.store.results import JobOutputs, SrReference, latest_report, record_result
+from scxnn_node.store.retention import readable_instances
 from scxnn_node.store.spool import Spool
 from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
 
 log = logging.getLogger(__name__)
 
+PARENT_GONE_GRACE_S = 10.0  # a worker whose node died hands its study back, or exits anyway
 
-class LostLease(Exception):
-    """Another worker took the job over (our lease expired); our work is discarded."""
+
+class StopRequested(Exception):
+    """The worker was asked to stop in the middle of a study: the study is handed back."""
+
+
+@dataclass
+class _Lease:
+    """A claimed job as its worker sees it: `lost` once a heartbeat finds it taken over."""
+
+    job: ClaimedJob
+    lost: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
-class Outputs:
-    sr_uid: str
-    summary_uid: str
-    paths: dict[str, str]  # kind -> spool-relative path
+class Triaged:
+    """A job's triage: the result, the prepared instances, and those it could not use."""
+
+    result: StudyResult
+    prepared: list[PreparedInstance]
+    unusable: dict[str, str]  # SOP Instance UID -> why
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT ask the worker to stop (main thread only): the study in hand is
+    handed back at its next step instead of holding its lease until it expires."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 class TriageWorker:
@@ -64,97 +91,177 @@ class TriageWorker:
                 backend=config.model.backend,
             ),
         )
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{device}"
+        self.owner = workers.worker_owner(os.getpid(), device)
+        self.identity = workers.WorkerIdentity(
+            self.owner, socket.gethostname(), os.getpid(), device, self.manifest.version
+        )
         self.queue = JobQueue(
-            self.db, self.owner, config.worker.lease_seconds, config.worker.max_attempts
+            self.db,
+            self.owner,
+            config.worker.lease_seconds,
+            config.worker.max_attempts,
+            bundle_version=self.manifest.version,
+            retry_backoff_seconds=config.worker.retry_backoff_seconds,
         )
         self.policy = config.selection_policy()
         self.finding_codes = {
             f.name: (f.code.value, f.code.scheme, f.code.meaning) for f in self.manifest.findings
         }
+        self.destinations = {d.name: list(d.outputs) for d in config.destinations}
+        self.stop_requested = threading.Event()  # run() replaces it with its stop event
+        self._lease: _Lease | None = None
 
     def process_next(self) -> bool:
         """Process one ready job; False when there was none."""
         job = self.queue.claim_ready_job()
         if job is None:
             return False
-        stop = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop), daemon=True)
+        lease = _Lease(job)
+        self._lease = lease
+        finished = threading.Event()
+        beat = threading.Thread(
+            target=self._keep_lease, args=(lease, finished), daemon=True, name="lease-heartbeat"
+        )
         beat.start()
         try:
-            result, prepared = self._triage(job)
-            self._finish(job, result, prepared)
-            log.info(
-                "study %s: %s%s",
-                short_hash(job.study_instance_uid),
-                result.verdict.value,
-                f" ({result.risk_tier})" if result.risk_tier else "",
-            )
-        except Exception as exc:
-            state = self.queue.fail(job.id, f"{type(exc).__name__}: {exc}")
-            log.exception("job %d failed (%s)", job.id, state)
+            self._process(job)
         finally:
-            stop.set()
+            finished.set()
             beat.join()
+            self._lease = None
         return True
 
-    def run(self, stop: threading.Event) -> None:
+    def _process(self, job: ClaimedJob) -> None:
+        try:
+            triaged = self._triage(job)
+            self._finish(job, triaged)
+            self._log_outcome(job, triaged.result)
+        except StopRequested:
+            try:
+                if self.queue.hand_back(job.id):
+                    log.info("job %d handed back: the worker is stopping", job.id)
+            except Exception:
+                log.exception("job %d: could not hand it back; its lease will expire", job.id)
+        except LostLease as exc:
+            log.warning("job %d abandoned, nothing made visible: %s", job.id, exc)
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            try:
+                state = self.queue.fail(job.id, f"{type(exc).__name__}: {exc}")
+                log.warning("job %d is now %s", job.id, state)
+            except Exception:
+                log.exception("job %d: could not record its failure; its lease will expire", job.id)
+
+    @staticmethod
+    def _log_outcome(job: ClaimedJob, result: StudyResult) -> None:
+        log.info(
+            "study %s: %s%s%s",
+            short_hash(job.study_instance_uid),
+            result.verdict.value,
+            f" ({result.risk_tier})" if result.risk_tier else "",
+            f": {result.reason}" if result.verdict is Verdict.NOT_ANALYSED else "",
+        )
+
+    def run(self, stop: threading.Event, parent_pid: int | None = None) -> None:
+        """Work until `stop` is set, or until the process `parent_pid` (the node) is gone."""
+        self.stop_requested = stop
         log.info(
             "worker %s serving bundle %s %s", self.owner, self.manifest.name, self.manifest.version
         )
-        while not stop.is_set():
-            if not self.process_next():
-                stop.wait(self.config.worker.poll_seconds)
+        finished = threading.Event()
+        alive = threading.Thread(
+            target=self._stay_alive, args=(finished, parent_pid), daemon=True, name="liveness"
+        )
+        alive.start()
+        try:
+            while not stop.is_set():
+                if not self.process_next():
+                    stop.wait(self.config.worker.poll_seconds)
+        finally:
+            finished.set()
+            alive.join()
+            try:
+                workers.forget(self.db, self.owner)
+            except Exception:
+                log.exception("worker %s: could not remove its liveness row", self.owner)
+        log.info("worker %s stopped", self.owner)
 
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(self.config.worker.heartbeat_seconds):
-            if not self.queue.heartbeat(job_id):
-                log.warning("job %d: lease lost", job_id)
+    def _stay_alive(self, finished: threading.Event, parent_pid: int | None) -> None:
+        """Beat this worker's liveness row; stop the worker when its node is gone."""
+        every = self.config.worker.heartbeat_seconds
+        while True:
+            lease = self._lease
+            try:
+                workers.beat(self.db, self.identity, lease.job.id if lease else None, every)
+            except Exception as exc:  # transient: the next beat tries again
+                log.warning("worker %s: liveness beat failed: %s", self.owner, exc)
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.error("worker %s: its node (pid %d) is gone; stopping", self.owner, parent_pid)
+                self.stop_requested.set()
+                exit_anyway = threading.Timer(PARENT_GONE_GRACE_S, os._exit, args=(1,))
+                exit_anyway.daemon = True
+                exit_anyway.start()
+                return
+            if finished.wait(min(every, 1.0)):
                 return
 
-    def _triage(self, job: ClaimedJob) -> tuple[StudyResult, list[PreparedInstance]]:
-        with self.db.session() as session:
-            rows = session.execute(
-                select(Instance.sop_instance_uid, Instance.path).where(
-                    Instance.sop_instance_uid.in_(job.instance_uids)
-                )
-            ).all()
-        prepared: list[PreparedInstance] = []
-        for sop_uid, path in rows:
+    def _keep_lease(self, lease: _Lease, finished: threading.Event) -> None:
+        """Extend the job's lease every beat. A database error is logged and the next beat
+        tries again; a lease found taken over marks the job lost (the worker abandons it)."""
+        while not finished.wait(self.config.worker.heartbeat_seconds):
             try:
-                prepared.append(
-                    prepare_instance(
-                        self.spool.absolute(path), self.manifest.preprocessing, self.policy
-                    )
-                )
+                held = self.queue.heartbeat(lease.job.id)
+            except Exception as exc:
+                log.warning("job %d: heartbeat failed (%s); retrying", lease.job.id, exc)
+                continue
+            if not held:
+                log.warning("job %d: lease lost", lease.job.id)
+                lease.lost.set()
+                return
+
+    def _checkpoint(self) -> None:
+        """Between steps: stop when asked to, give up a job whose lease is gone."""
+        if self.stop_requested.is_set():
+            raise StopRequested
+        lease = self._lease
+        if lease is not None and lease.lost.is_set():
+            raise LostLease(f"job {lease.job.id} was taken over")
+
+    def _triage(self, job: ClaimedJob) -> Triaged:
+        rows = readable_instances(self.db, job.instance_uids)  # retention may have purged some
+        prepared: list[PreparedInstance] = []
+        unusable: dict[str, str] = {}
+        for sop_uid, path in rows:
+            self._checkpoint()
+            try:
+                ds = read_dataset(self.spool.absolute(path))
+                problem = identity_problem(ds, sop_uid, job.study_instance_uid)
+                if problem is not None:
+                    raise ValueError(problem)
+                prepared.append(prepare_instance(ds, self.manifest.preprocessing, self.policy))
             except ImageRejected as exc:
                 log.warning("instance %s not analysable: %s", short_hash(sop_uid), exc)
                 prepared.append(PreparedInstance(job.study_instance_uid, sop_uid, None, str(exc)))
+            except MemoryError:
+                raise
+            except Exception as exc:  # this instance, not the study: the others go on
+                reason = f"unusable: {exc}"
+                log.warning("instance %s %s", short_hash(sop_uid), reason)
+                unusable[sop_uid] = reason
+                prepared.append(PreparedInstance(job.study_instance_uid, sop_uid, None, reason))
+        self._checkpoint()
         result = triage_study(self.engine, job.study_instance_uid, prepared)
-        return result, prepared
-
-    def _predecessor(self, study_uid: str) -> tuple[int | None, Dataset | None]:
-        with self.db.session() as session:
-            row = session.execute(
-                select(Result.id, Result.job_id)
-                .where(Result.study_instance_uid == study_uid, Result.verdict != "not_analysed")
-                .order_by(Result.id.desc())
-                .limit(1)
-            ).first()
-        if row is None:
-            return None, None
-        path = self.spool.absolute(self.spool.outbox_path(row.job_id, "sr"))
-        return row.id, (dcmread(path) if path.is_file() else None)
+        return Triaged(result, prepared, unusable)
 
     def _build_outputs(
         self,
         job: ClaimedJob,
         result: StudyResult,
         prepared: list[PreparedInstance],
-        predecessor: Dataset | None,
-    ) -> Outputs:
+        predecessor: SrReference | None,
+    ) -> JobOutputs:
         analysed = [p for p in prepared if p.analysed and p.header is not None]
-        sr_uid, summary_uid = generate_uid(), generate_uid()
+        summary_series_uid, summary_uid = generate_uid(), generate_uid()
         sr = build_triage_sr(
             result,
             [p.header for p in analysed],  # type: ignore[misc]
@@ -162,66 +269,83 @@ class TriageWorker:
             bundle_version=self.manifest.version,
             finding_codes=self.finding_codes,
             series_instance_uid=generate_uid(),
-            sop_instance_uid=sr_uid,
+            sop_instance_uid=generate_uid(),
             predecessor=predecessor,
         )
         summary = build_summary_image(
             result,
             analysed[0].header,
             analysed[0].image,  # type: ignore[arg-type]
-            series_instance_uid=generate_uid(),
+            series_instance_uid=summary_series_uid,
             sop_instance_uid=summary_uid,
         )
-        paths = {}
-        for kind, dataset in (("sr", sr), ("summary", summary)):
-            rel = self.spool.outbox_path(job.id, kind)
-            self.spool.write_durably(rel, _encode(dataset))
-            paths[kind] = rel
-        return Outputs(sr_uid, summary_uid, paths)
+        attempt = uuid.uuid4().hex[:16]
+        paths: dict[str, str] = {}
+        try:
+            for kind, dataset in ((OutputKind.SR, sr), (OutputKind.SUMMARY, summary)):
+                paths[kind] = self.spool.outbox_path(job.id, attempt, kind)
+                self.spool.write_durably(paths[kind], _encode(dataset))
+        except BaseException:
+            self._remove(paths.values())
+            raise
+        reference = SrReference(
+            sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID
+        )
+        return JobOutputs(reference, summary_series_uid, summary_uid, paths)
 
-    def _finish(
-        self, job: ClaimedJob, result: StudyResult, prepared: list[PreparedInstance]
-    ) -> None:
-        predecessor_id, predecessor_sr = self._predecessor(job.study_instance_uid)
+    def _finish(self, job: ClaimedJob, triaged: Triaged) -> None:
+        self._checkpoint()
+        # The lease is checked before anything is written; the outputs go to paths unique to
+        # this attempt, so even a lease lost from here on leaves committed files untouched.
+        if not self.queue.heartbeat(job.id):
+            raise LostLease(f"job {job.id} was taken over before its outputs were written")
+        result = triaged.result
+        predecessor = latest_report(self.db, job.study_instance_uid)
         outputs = None
-        if result.verdict is not Verdict.NOT_ANALYSED:
-            outputs = self._build_outputs(job, result, prepared, predecessor_sr)
-        now = utc_now()
-        with self.db.session() as session:
-            row = Result(
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                verdict=result.verdict.value,
-                risk_tier=result.risk_tier,
-                abnormality_score=result.abnormality_score,
-                result_json=json.dumps(result.to_dict()),
-                sr_sop_instance_uid=outputs.sr_uid if outputs else "",
-                summary_sop_instance_uid=outputs.summary_uid if outputs else "",
-                predecessor_id=predecessor_id if outputs else None,
-                created_at=now,
-            )
-            session.add(row)
-            session.flush()
-            if outputs is not None:
-                for destination in self.config.destinations:
-                    for kind in destination.outputs:
-                        session.add(
-                            Delivery(
-                                result_id=row.id,
-                                destination=destination.name,
-                                kind=kind,
-                                path=outputs.paths[kind],
-                                state="pending",
-                                attempts=0,
-                                next_attempt_at=now,
-                                updated_at=now,
-                            )
-                        )
-            if not self.queue.complete(session, job.id):
-                raise LostLease(f"job {job.id} was taken over; result discarded")
-            study = session.get(Study, job.study_instance_uid)
-            if study is not None and study.state == "queued":
-                study.state = "reported"
+        try:
+            if result.verdict is not Verdict.NOT_ANALYSED:
+                outputs = self._build_outputs(
+                    job, result, triaged.prepared, predecessor.sr if predecessor else None
+                )
+            # One commit: the result, its deliveries and the study's state become visible
+            # only through the completion that checks our lease (DESIGN rule 2).
+            with self.db.session() as session:
+                record_result(session, job, result, outputs, predecessor, self.destinations)
+                if not self.queue.complete(session, job.id):
+                    raise LostLease(f"job {job.id} was taken over; result discarded")
+                mark_study_reported(session, job.study_instance_uid)
+                mark_instances_unusable(session, triaged.unusable)
+        except BaseException:
+            self._remove(outputs.paths.values() if outputs else ())
+            raise
+
+    def _remove(self, paths: Iterable[str]) -> None:
+        """Outputs of an attempt that made nothing visible are deleted (best effort)."""
+        for rel in paths:
+            try:
+                self.spool.remove(rel)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", rel, exc)
+
+
+def identity_problem(ds: Dataset, sop_instance_uid: str, study_instance_uid: str) -> str | None:
+    """Why an instance cannot be named in an SR as evidence of its study (None: it can)."""
+    for keyword, name in (
+        ("StudyInstanceUID", "Study Instance UID"),
+        ("SeriesInstanceUID", "Series Instance UID"),
+        ("SOPInstanceUID", "SOP Instance UID"),
+        ("SOPClassUID", "SOP Class UID"),
+    ):
+        value = str(ds.get(keyword, "") or "")
+        if not value:
+            return f"no {name}"
+        if not UID(value).is_valid:
+            return f"{name} is not a valid UID"
+    if str(ds.SOPInstanceUID) != sop_instance_uid:
+        return "SOP Instance UID differs from the one it was received as"
+    if str(ds.StudyInstanceUID) != study_instance_uid:
+        return "Study Instance UID differs from its study's"
+    return None
 
 
 def _encode(dataset: Dataset) -> bytes:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_FINDINGS, build_random_bundle
 
-from scxnn_node.model.bundle import (
+from scxnn_node.model.bundle import load_bundle
+from scxnn_node.model.manifest import (
     MANIFEST_FILE,
     BundleError,
-    load_bundle,
     member_file,
     sha256_file,
     verify_bundle,

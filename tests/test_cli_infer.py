@@ -11,7 +11,8 @@ import pytest
 from conftest import DATA
 from dicom_factory import chest_pixels, make_dataset, write
 
-from scxnn_node.model.bundle import load_bundle, verify_bundle
+from scxnn_node.model.bundle import load_bundle
+from scxnn_node.model.manifest import verify_bundle
 
 STUDY_KEYS = [
     "study_instance_uid",
@@ -22,6 +23,7 @@ STUDY_KEYS = [
     "threshold",
     "findings",
     "bundle",
+    "safety_net_fired",
 ]
 
 

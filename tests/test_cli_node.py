@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from conftest import DATA
-from nodekit import Storescp, node_config
 from sqlalchemy import select
 
 from scxnn_node.node import Node
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Delivery, Job, Result
+from scxnn_node.testing.dcmtk import Storescp
+from scxnn_node.testing.loopback import node_config
 
 
 def _cli(config_path: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

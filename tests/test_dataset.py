@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -13,15 +15,7 @@ from dicom_factory import chest_pixels, make_dataset, write
 
 from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image
 from training.cache import CacheError, build_cache
-from training.dataset import (
-    ManifestError,
-    ManifestRow,
-    decode_siim_rle,
-    encode_siim_rle,
-    load_manifest,
-    read_mask,
-    write_manifest,
-)
+from training.dataset import ManifestError, ManifestRow, load_manifest, write_manifest
 from training.importers import (
     DatasetImportError,
     import_chestx_det,
@@ -29,11 +23,17 @@ from training.importers import (
     import_generic_csv,
     import_siim,
 )
+from training.masks import decode_siim_rle, encode_siim_rle, read_mask
 
 
 def _png(path: Path, shape: tuple[int, int] = (40, 50), value: int = 100) -> str:
+    """A flat image; its first pixels spell the file's path so that no two files share
+    content (a manifest refuses duplicate content)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+    pixels = np.full(shape, value, np.uint8)
+    tag = np.frombuffer(hashlib.sha256(str(path).encode()).digest(), np.uint8)
+    pixels.flat[: min(tag.size, pixels.size)] = tag[: pixels.size]
+    cv2.imwrite(str(path), pixels)
     return path.name
 
 
@@ -302,7 +302,10 @@ def test_import_chestx_det_polygons(tmp_path: Path):
         )
     )
     mapping = tmp_path / "map.yaml"
-    mapping.write_text("classes: {Effusion: pleural_effusion, Fracture: 'other:fracture'}\n")
+    mapping.write_text(
+        "classes: {Effusion: pleural_effusion, Fracture: 'other:fracture'}\n"
+        "unannotated: normal\n"  # this source's images without syms are stated normal
+    )
     m = load_manifest(import_chestx_det(ann, tmp_path / "img", mapping, tmp_path / "out" / "m.csv"))
     first, second = m.entries
     assert first.labels == {"pleural_effusion": 1} and first.other_disease == "fracture"
@@ -332,3 +335,222 @@ def test_import_siim_rle_and_dicom(tmp_path: Path):
     assert (first.patient_id, second.patient_id) == ("PA", "PB")
     assert first.labels == {"pneumothorax": 1} and second.labels == {"pneumothorax": 0}
     assert (read_mask(first.masks["pneumothorax"], (size, size)) == (lesion | lesion2)).all()
+
+
+# --- label semantics: what makes an image normal ------------------------------------------
+
+
+def test_ignored_class_drops_the_image_instead_of_making_it_normal(tmp_path: Path):
+    _png(tmp_path / "img" / "hernia.png")
+    _png(tmp_path / "img" / "effusion_hernia.png")
+    _png(tmp_path / "img" / "clear.png")
+    nih = _write_csv(
+        tmp_path / "nih.csv",
+        ["Image Index", "Patient ID", "Finding Labels"],
+        [
+            ["hernia.png", "A", "Hernia"],
+            ["effusion_hernia.png", "B", "Effusion|Hernia"],
+            ["clear.png", "C", "No Finding"],
+        ],
+    )
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text(
+        "image_column: Image Index\npatient_column: Patient ID\nimage_root: img\n"
+        "labels_column: Finding Labels\n"
+        "classes: {Effusion: pleural_effusion, No Finding: normal, Hernia: ignore}\n"
+    )
+    m = load_manifest(import_generic_csv(nih, mapping, tmp_path / "m.csv"))
+    assert [e.image.name for e in m.entries] == ["clear.png"]
+    assert m.entries[0].abnormal == 0
+
+    ann = tmp_path / "det.json"
+    ann.write_text(
+        json.dumps(
+            [
+                {"file_name": "hernia.png", "syms": ["Hernia"], "polygons": [[]]},
+                {"file_name": "clear.png", "syms": ["Effusion"], "polygons": [[]]},
+            ]
+        )
+    )
+    det_map = tmp_path / "det.yaml"
+    det_map.write_text("classes: {Effusion: pleural_effusion, Hernia: ignore}\n")
+    m = load_manifest(import_chestx_det(ann, tmp_path / "img", det_map, tmp_path / "d.csv"))
+    assert [e.image.name for e in m.entries] == ["clear.png"]
+
+
+def test_per_column_import_is_normal_only_when_the_source_says_so(tmp_path: Path):
+    for name in ("1.png", "2.png", "3.png"):
+        _png(tmp_path / "img" / name)
+    src = _write_csv(
+        tmp_path / "chexpert.csv",
+        ["Path", "Patient", "No Finding", "Fracture", "Pneumothorax", "Cardiomegaly"],
+        [
+            ["1.png", "A", "", "1.0", "0.0", "0.0"],  # a fracture: unmapped, so unknown
+            ["2.png", "B", "1.0", "", "0.0", "0.0"],  # stated normal
+            ["3.png", "C", "1.0", "", "1.0", "0.0"],  # a finding wins over No Finding
+        ],
+    )
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text(
+        "image_column: Path\npatient_column: Patient\nimage_root: img\n"
+        "columns: {Pneumothorax: pneumothorax, Cardiomegaly: cardiomegaly}\n"
+    )
+    m = load_manifest(import_generic_csv(src, mapping, tmp_path / "m.csv"))
+    assert [e.abnormal for e in m.entries] == [None, None, 1]  # no normal column: none normal
+    assert m.entries[0].labels == {"pneumothorax": 0, "cardiomegaly": 0}  # known absent still
+    mapping.write_text(
+        "image_column: Path\npatient_column: Patient\nimage_root: img\n"
+        "columns: {No Finding: normal, Pneumothorax: pneumothorax, Cardiomegaly: cardiomegaly}\n"
+    )
+    m = load_manifest(import_generic_csv(src, mapping, tmp_path / "m2.csv"))
+    assert [e.abnormal for e in m.entries] == [None, 0, 1]
+
+
+def test_single_finding_and_unannotated_sources_are_not_normal_by_default(tmp_path: Path):
+    _png(tmp_path / "img" / "a.png", (64, 64))
+    ann = tmp_path / "det.json"
+    ann.write_text(json.dumps([{"file_name": "a.png", "syms": [], "polygons": []}]))
+    det_map = tmp_path / "det.yaml"
+    det_map.write_text("classes: {Effusion: pleural_effusion}\n")
+    m = load_manifest(import_chestx_det(ann, tmp_path / "img", det_map, tmp_path / "d.csv"))
+    assert m.entries[0].labels == {"pleural_effusion": 0} and m.entries[0].abnormal is None
+    det_map.write_text("classes: {Effusion: pleural_effusion}\nunannotated: normal\n")
+    m = load_manifest(import_chestx_det(ann, tmp_path / "img", det_map, tmp_path / "e.csv"))
+    assert m.entries[0].abnormal == 0
+
+
+def test_no_finding_column_decides_normal(tmp_path: Path):
+    for name in "abcd":
+        _png(tmp_path / f"{name}.png")
+    path = _write_csv(
+        tmp_path / "m.csv",
+        ["image", "patient_id", "nodule", "cardiomegaly", "no_finding"],
+        [
+            ["a.png", "p1", "0", "0", "1"],  # stated normal
+            ["b.png", "p2", "0", "0", "0"],  # source not exhaustive: unknown
+            ["c.png", "p3", "0", "0", ""],  # no statement: every column known absent
+            ["d.png", "p4", "", "", "1"],  # stated normal, findings not listed one by one
+        ],
+    )
+    m = load_manifest(path)
+    assert [e.abnormal for e in m.entries] == [0, None, 0, 0]
+    assert [e.no_finding for e in m.entries] == [True, False, None, True]
+    assert m.entries[3].labels == {"nodule": 0, "cardiomegaly": 0}  # no finding: each absent
+    # written back, the statement survives
+    rows = [
+        ManifestRow(e.image.name, e.patient_id, e.labels, no_finding=e.no_finding)
+        for e in m.entries
+    ]
+    again = load_manifest(write_manifest(tmp_path / "again.csv", rows, list(m.findings)))
+    assert [e.abnormal for e in again.entries] == [0, None, 0, 0]
+    bad = _write_csv(
+        tmp_path / "bad.csv",
+        ["image", "patient_id", "nodule", "no_finding", "other_disease"],
+        [["a.png", "p1", "1", "1", ""], ["b.png", "p2", "0", "1", "pneumonia"]],
+    )
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bad)
+    assert "row 2, column 'no_finding': 1 (no finding) but nodule is 1" in str(err.value)
+    assert "row 3, column 'no_finding': 1 (no finding) but other_disease" in str(err.value)
+
+
+def test_member_class_never_takes_an_unstated_image_as_normal():
+    from scxnn_node.model.member import NORMAL, OTHERS
+    from training.dataset import ManifestEntry
+    from training.member_targets import member_class
+
+    def entry(labels: dict[str, int | None], no_finding: bool | None) -> ManifestEntry:
+        return ManifestEntry(2, Path("x.png"), "p", "hard", "train", labels, no_finding=no_finding)
+
+    assert member_class(entry({"nodule": 0, "cardiomegaly": 0}, False), "nodule") is None
+    assert member_class(entry({"nodule": 0, "cardiomegaly": 0}, True), "nodule") == NORMAL
+    assert member_class(entry({"nodule": 0, "cardiomegaly": None}, True), "nodule") == NORMAL
+    assert member_class(entry({"nodule": 0, "cardiomegaly": 1}, False), "nodule") == OTHERS
+
+
+def test_importers_warn_when_the_patient_is_the_file_stem(tmp_path: Path, caplog):
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("classes: {normal: normal, sick: nodule}\n")
+    _png(tmp_path / "ds" / "normal" / "x1.png")
+    _png(tmp_path / "ds" / "sick" / "x2.png")
+    with caplog.at_level(logging.WARNING, logger="training.importers"):
+        import_class_folders(tmp_path / "ds", mapping, tmp_path / "m.csv")
+    assert "2 image(s) have no patient id" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.importers"):
+        import_class_folders(tmp_path / "ds", mapping, tmp_path / "n.csv", patient_regex="x")
+    assert "no patient id" not in caplog.text
+    src = _write_csv(tmp_path / "s.csv", ["Path", "Nodule"], [["ds/sick/x2.png", "1"]])
+    csv_map = tmp_path / "csv.yaml"
+    csv_map.write_text("image_column: Path\ncolumns: {Nodule: nodule}\n")
+    with caplog.at_level(logging.WARNING, logger="training.importers"):
+        import_generic_csv(src, csv_map, tmp_path / "o.csv")
+    assert "1 image(s) have no patient id" in caplog.text
+
+
+def test_manifest_refuses_duplicate_content_naming_both_rows(tmp_path: Path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    _png(tmp_path / "b.png")
+    path = _write_csv(
+        tmp_path / "m.csv",
+        ["image", "patient_id", "nodule"],
+        [["a.png", "p1", "1"], ["b.png", "p2", "0"], ["copy.png", "p3", "1"]],
+    )
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    assert "row 4, column 'image': same content as row 2 (copy.png, a.png)" in str(err.value)
+    assert len(err.value.problems) == 1
+
+
+def test_importers_drop_duplicate_content_with_a_warning(tmp_path: Path, caplog):
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("classes: {normal: normal, sick: nodule}\n")
+    _png(tmp_path / "ds" / "sick" / "p1_a.png")
+    (tmp_path / "ds" / "sick" / "p2_a.png").write_bytes(
+        (tmp_path / "ds" / "sick" / "p1_a.png").read_bytes()
+    )
+    _png(tmp_path / "ds" / "normal" / "p3_b.png")
+    with caplog.at_level(logging.WARNING, logger="training.importers"):
+        out = import_class_folders(
+            tmp_path / "ds", mapping, tmp_path / "m.csv", patient_regex=r"^(p\d)"
+        )
+    assert "p2_a.png has the same content as" in caplog.text and "p1_a.png" in caplog.text
+    assert [e.image.name for e in load_manifest(out).entries] == ["p3_b.png", "p1_a.png"]
+    # the same content under two labels cannot be resolved by dropping one
+    (tmp_path / "ds" / "normal" / "p4_c.png").write_bytes(
+        (tmp_path / "ds" / "sick" / "p1_a.png").read_bytes()
+    )
+    with pytest.raises(DatasetImportError, match=r"same content .* different labels"):
+        import_class_folders(tmp_path / "ds", mapping, tmp_path / "n.csv", patient_regex=r"^(p\d)")
+
+
+def test_study_column_groups_images_and_stays_with_one_patient(tmp_path: Path):
+    from training.dataset import group_studies
+
+    for name in "abcd":
+        _png(tmp_path / f"{name}.png")
+    path = _write_csv(
+        tmp_path / "m.csv",
+        ["image", "patient_id", "study_id", "nodule", "cardiomegaly"],
+        [
+            ["a.png", "p1", "s1", "0", "0"],
+            ["b.png", "p1", "s1", "1", ""],
+            ["c.png", "p2", "", "0", "0"],
+            ["d.png", "p2", "", "", "0"],
+        ],
+    )
+    m = load_manifest(path)
+    studies = group_studies(m.entries)
+    assert [s.study_id for s in studies] == ["s1", "row-4", "row-5"]  # default: one per image
+    s1 = studies[0]
+    assert [e.row for e in s1.entries] == [2, 3]
+    assert s1.labels == {"nodule": 1, "cardiomegaly": None} and s1.abnormal == 1
+    assert studies[1].abnormal == 0 and studies[2].abnormal is None
+    bad = _write_csv(
+        tmp_path / "bad.csv",
+        ["image", "patient_id", "study_id", "nodule"],
+        [["a.png", "p1", "s1", "0"], ["b.png", "p2", "s1", "0"]],
+    )
+    with pytest.raises(ManifestError, match=r"study 's1' spans patients: p1 \(row 2\), p2"):
+        load_manifest(bad)

@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from scxnn_node.model.bundle import load_bundle
-from scxnn_node.model.engine import (
-    EngineOptions,
-    InferenceEngine,
-    max_batch_for_memory,
-    result_from_logits,
-)
+from scxnn_node.model.decision import result_from_logits
+from scxnn_node.model.engine import InferenceEngine, max_batch_for_memory
 from scxnn_node.model.member import MemberNet
+from scxnn_node.model.options import EngineOptions
 from scxnn_node.model.result import UNSPECIFIED_TIER, MemberCall, StudyResult, Verdict
 
 

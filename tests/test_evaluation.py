@@ -111,3 +111,53 @@ def test_unknown_status_is_left_out_of_table_2():
         )
     )
     assert m["n_with_known_status"] == 5 and m["sensitivity"] == 1.0
+
+
+def test_risk_tiers_carry_clopper_pearson_intervals():
+    m = triage_metrics(fixture_inputs())
+    intervals = m["per_tier_intervals"]
+    # critical: 1 image, not missed, its member said target
+    assert intervals["critical"]["sensitivity"]["value"] == 1.0
+    assert intervals["critical"]["sensitivity"]["ci95"] == pytest.approx([0.025, 1.0])
+    assert intervals["critical"]["target"]["ci95"] == pytest.approx([0.025, 1.0])
+    # urgent: 2 images, one missed, none called target
+    assert intervals["urgent"]["sensitivity"]["value"] == 0.5
+    assert intervals["urgent"]["sensitivity"]["ci95"] == pytest.approx(clopper_pearson(1, 2))
+    assert intervals["urgent"]["target"]["ci95"] == pytest.approx([0.0, 1 - 0.025 ** (1 / 2)])
+
+
+def test_study_figures_equal_hand_computed_numbers():
+    from scxnn_node.model.result import Verdict
+    from training.metrics import StudyCall, study_metrics
+
+    normal = {"pneumothorax": 0, "nodule": 0, "cardiomegaly": 0}
+    n, a, na = Verdict.DEFINITE_NORMAL, Verdict.ABNORMAL, Verdict.NOT_ANALYSED
+    calls = [
+        StudyCall(normal, 0, n, frozenset()),  # TN
+        StudyCall(normal, 0, a, frozenset({"nodule"})),  # FP
+        StudyCall(normal, 0, na, frozenset()),  # a normal study not analysed: not called normal
+        StudyCall({**normal, "pneumothorax": 1}, 1, a, frozenset({"pneumothorax"})),  # TP
+        StudyCall({**normal, "nodule": 1}, 1, n, frozenset()),  # FN: a miss
+        StudyCall({**normal, "nodule": 1, "cardiomegaly": 1}, 1, na, frozenset()),  # not missed
+        StudyCall(dict.fromkeys(normal), None, a, frozenset()),  # status unknown: left out
+    ]
+    m = study_metrics(FINDINGS, calls)
+    assert m["level"] == "study"
+    assert (m["n_studies"], m["n_with_known_status"], m["n_not_analysed"]) == (7, 6, 2)
+    assert m["confusion"] == {
+        "ai_normal": {"normal": 1, "abnormal": 1},
+        "ai_abnormal": {"normal": 1, "abnormal": 1},
+        "not_analysed": {"normal": 1, "abnormal": 1},
+    }
+    assert m["sensitivity"] == pytest.approx(2 / 3) and m["specificity"] == pytest.approx(1 / 3)
+    assert m["sensitivity_ci"] == pytest.approx(clopper_pearson(2, 3))
+    assert m["specificity_ci"] == pytest.approx(clopper_pearson(1, 3))
+    assert m["per_tier"] == {
+        "critical": {"n": 1, "normal": 0, "target": 1, "others": 0, "not_analysed": 0},
+        "urgent": {"n": 2, "normal": 1, "target": 0, "others": 0, "not_analysed": 1},
+        "cardiomegaly": {"n": 1, "normal": 0, "target": 0, "others": 0, "not_analysed": 1},
+    }
+    assert m["per_tier_intervals"]["urgent"]["sensitivity"]["ci95"] == pytest.approx(
+        clopper_pearson(1, 2)
+    )
+    assert m["per_tier_intervals"]["critical"]["sensitivity"]["ci95"] == pytest.approx([0.025, 1])

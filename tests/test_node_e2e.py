@@ -13,11 +13,12 @@ import pydicom
 import pytest
 from conftest import DATA
 from dicom_factory import chest_pixels, make_dataset, write
-from nodekit import Storescp, node_config, storescu, wait_for
 from sqlalchemy import select
 
 from scxnn_node.node import Node
 from scxnn_node.store.models import Delivery, Job, Result
+from scxnn_node.testing.dcmtk import Storescp, storescu
+from scxnn_node.testing.loopback import node_config, wait_for
 
 
 def _config(tmp_path: Path, bundle: Path, pacs_port: int, url: str | None = None, **extra):

@@ -11,8 +11,6 @@ import pydicom
 import pytest
 from conftest import DATA
 from dicom_factory import chest_pixels, make_dataset, write
-from nodekit import node_config
-from nodekit import storescu as run_storescu
 from pynetdicom import AE
 from pynetdicom.sop_class import (
     DigitalXRayImageStorageForPresentation,
@@ -24,6 +22,8 @@ from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance, Study
 from scxnn_node.store.spool import Spool
+from scxnn_node.testing.dcmtk import storescu as run_storescu
+from scxnn_node.testing.loopback import node_config
 
 
 def _start(tmp_path, url):

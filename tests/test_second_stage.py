@@ -112,3 +112,26 @@ def test_operating_point_with_too_few_abnormal_cases_warns_and_records(caplog):
     # k = 1: the miss rate is Beta(1, n): bound 1 - 0.05^(1/n), confidence 1 - 0.99^n.
     assert v["miss_rate_upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 100))
     assert v["confidence_miss_rate_within_target"] == pytest.approx(1 - 0.99**100)
+
+
+def test_config_calibration_keys_and_serving_precision():
+    from pathlib import Path
+
+    from scxnn_node.config import ConfigError
+    from training.config import load_training_config, training_config_from
+
+    config = training_config_from({})
+    assert config.second_stage.calibration_fraction == 0.5
+    assert config.second_stage.critical_miss_rate == 0.01
+    assert config.resolved_serving_precision == "bf16"  # device auto: the node's CUDA default
+    cpu = training_config_from({"training": {"device": "cpu"}})
+    assert cpu.resolved_serving_precision == "fp32"
+    forced = training_config_from({"training": {"device": "cpu"}, "serving_precision": "bf16"})
+    assert forced.resolved_serving_precision == "bf16"
+    with pytest.raises(ConfigError, match="calibration_fraction"):
+        training_config_from({"second_stage": {"calibration_fraction": 1.0}})
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    thesis = load_training_config(configs / "thesis-gpu.yaml")
+    assert thesis.serving_precision == "bf16"
+    assert thesis.training.optimiser.plateau_patience == 50
+    assert load_training_config(configs / "tiny-cpu.yaml").resolved_serving_precision == "fp32"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from nodekit import node_config
-
 from scxnn_node.config import TlsSection
 from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
 from scxnn_node.store.db import Database
 from scxnn_node.store.spool import Spool
+from scxnn_node.testing.loopback import node_config
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:

@@ -14,24 +14,18 @@ import torch.nn.functional as F
 from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.findings import THESIS_CATALOGUE
-from scxnn_node.model.engine import softmax
+from scxnn_node.model.decision import softmax
 from scxnn_node.model.member import NORMAL, OTHERS, TARGET
 from training.augment import AugmentSpec, augment_pair
 from training.config import TrainingConfig, training_config_from
 from training.dataset import ManifestEntry
-from training.fit import PreparedData, prepare_run
-from training.member_training import (
-    METRICS_FILE,
-    MemberTrainer,
-    TrainingInterrupted,
-    build_plans,
-    dilate_mask,
-    member_class,
-    member_logits_on,
-    multitask_loss,
-    reconstruction_target,
-)
+from training.fit import PreparedData, member_logits_on, prepare_run
+from training.member_data import build_plans
+from training.member_loss import multitask_loss
+from training.member_targets import dilate_mask, member_class, reconstruction_target
+from training.member_training import MemberTrainer, TrainingInterrupted
 from training.metrics import safe_auc
+from training.run_layout import METRICS_FILE
 from training.synthetic import synthesise_cases, write_synthetic_dataset
 
 

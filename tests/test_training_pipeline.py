@@ -6,10 +6,12 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import DATA
@@ -102,7 +104,11 @@ def test_export_verifies_and_loads_in_the_engine(trained_run: dict[str, Path], t
     )
     assert manifest.operating_point.validation["rule"] == "neyman_pearson_order_statistic"
     assert "training/validation_metrics.json" in manifest.files
+    assert {"MODEL_CARD.md", "temperatures.json", "safety_net.json"} <= set(manifest.files)
+    assert manifest.precision == "fp32"  # a CPU config serves at fp32
     bundle = load_bundle(bundle_dir)
+    assert bundle.temperatures is not None and bundle.safety_net is not None
+    assert bundle.safety_net.findings == ["pneumothorax"]  # the one critical member
     assert not any(k.startswith("decoder.") for k in bundle.member_weights["nodule"])
     engine = InferenceEngine(bundle)
     image = preprocess_image(
@@ -272,3 +278,100 @@ def test_import_command_validates_what_it_writes(tmp_path: Path, capsys):
     mapping.write_text("classes: {normal: normal}\n")
     assert _cli("import-folders", "--root", root, "--mapping", mapping, "--out", out) == 1
     assert "class 'viral_pneumonia' is not in the mapping" in capsys.readouterr().err
+
+
+def test_fit_sets_thresholds_on_patients_the_svm_never_saw(trained_run: dict[str, Path]):
+    run = trained_run["run"]
+    roles = _csv_rows(run / "image_roles.csv")
+    resolved = {r["image"]: r for r in _csv_rows(run / "dataset" / "manifest.csv")}
+    assert {r["role"] for r in roles} == {"train", "fit", "calibration", "test"}
+    assert len(roles) == len(resolved) == 60
+    for r in roles:  # validation images are cut; the other splits keep their name
+        split = resolved[r["image"]]["split"]
+        assert r["role"] in (("fit", "calibration") if split == "val" else (split,))
+    fit = {r["patient_id"] for r in roles if r["role"] == "fit"}
+    calibration = {r["patient_id"] for r in roles if r["role"] == "calibration"}
+    assert fit and calibration and not fit & calibration
+    v = json.loads((run / "operating_point.json").read_text())["validation"]
+    assert v["threshold_set_on"] == "calibration" and v["threshold_unit"] == "image"
+    assert v["n_calibration_images"] == sum(r["role"] == "calibration" for r in roles)
+    assert v["n_fit_images"] == sum(r["role"] == "fit" for r in roles)
+    assert v["n_abnormal"] + v["n_normal"] <= v["n_calibration_images"]
+    assert v["precision"] == "fp32"
+    metrics = json.loads((run / "validation_metrics.json").read_text())
+    assert metrics["n_images"] == v["n_calibration_images"]
+    temperatures = json.loads((run / "temperatures.json").read_text())["temperatures"]
+    assert sorted(temperatures) == sorted(FINDINGS) and all(t > 0 for t in temperatures.values())
+    net = json.loads((run / "safety_net.json").read_text())
+    assert [t["finding"] for t in net["thresholds"]] == ["pneumothorax"]
+    done = json.loads((run / "members" / "nodule" / "done.json").read_text())
+    assert done["val_logits_precision"] == "fp32"
+
+
+def test_export_refuses_a_clinical_bundle_without_its_guarantee(
+    trained_run: dict[str, Path], tmp_path: Path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run, ignore=shutil.ignore_patterns("cache"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "demo": False}))
+    out = tmp_path / "clinical"
+    assert _cli("export", "--run", run, "--out", out, "--version", "1.0.0") == 1
+    err = capsys.readouterr().err
+    assert "guarantee is not met" in err and "--not-for-clinical-use" in err
+    assert "second stage:" in err and "safety net pneumothorax:" in err
+    assert not out.exists()
+    assert (
+        _cli("export", "--run", run, "--out", out, "--version", "1.0.0", "--not-for-clinical-use")
+        == 0
+    )
+    manifest = verify_bundle(out)
+    assert manifest.demo is True  # the demo marking: every output says NOT FOR CLINICAL USE
+    assert manifest.intended_use.startswith("NOT FOR CLINICAL USE (second stage:")
+    card = (out / "MODEL_CARD.md").read_text()
+    for part in ("## Intended use", "## Training data", "## Calibration set",
+                 "## Guarantee achieved", "## Results on the calibration set", "## Limitations"):
+        assert part in card
+    assert "NOT met" in card and "NOT FOR CLINICAL USE" in card
+    calibration = json.loads((run / "calibration.json").read_text())
+    cal = calibration["split"]["calibration"]
+    assert f"{cal['patients']} patients ({cal['images']} images)" in card
+    result = InferenceEngine(load_bundle(out)).triage(
+        "1.2.3", np.zeros((1, 32, 32), np.uint8), ["1.2.3.4"]
+    )
+    assert result.bundle.demo is True
+
+
+def test_export_refuses_a_run_without_a_held_out_second_stage(
+    trained_run: dict[str, Path], tmp_path: Path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run"], run, ignore=shutil.ignore_patterns("cache"))
+    (run / "safety_net.json").unlink()  # as in a run fitted before the held-out second stage
+    assert _cli("export", "--run", run, "--out", tmp_path / "b", "--version", "1.0.0") == 1
+    assert "no held-out second stage yet" in capsys.readouterr().err
+
+
+def test_export_keeps_salted_provenance_and_evaluate_refuses_seen_patients(
+    trained_run: dict[str, Path], tmp_path: Path, capsys
+):
+    run = trained_run["run"]
+    bundle_dir = tmp_path / "bundle"
+    assert _cli("export", "--run", run, "--out", bundle_dir, "--version", "0.2.0") == 0
+    manifest = verify_bundle(bundle_dir)
+    assert "training/provenance.json" in manifest.files
+    record = json.loads((bundle_dir / "training" / "provenance.json").read_text())
+    resolved = _csv_rows(run / "dataset" / "manifest.csv")
+    seen = [r for r in resolved if r["split"] in ("train", "val")]
+    assert len(record["images"]) == len(seen)
+    assert not {r["patient_id"] for r in resolved} & set(record["patients"])  # hashes only
+    out = tmp_path / "eval"
+    args = ["evaluate", "--bundle", bundle_dir, "--manifest", run / "dataset" / "manifest.csv"]
+    assert _cli(*args, "--out", out, "--split", "train", "--workers", 1) == 1
+    assert "a patient the bundle was trained or calibrated on" in capsys.readouterr().err
+    assert _cli(*args, "--out", out, "--workers", 1, "--precision", "fp32") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training_overlap_checked"] is True
+    assert metrics["study"]["level"] == "study"
+    assert metrics["study"]["n_studies"] == metrics["n_images"]  # no study_id: one per image
+    assert metrics["engine"] == {"device": "cpu", "precision": "fp32"}

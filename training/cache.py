@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from scxnn_node.atomic_file import write_atomically
 from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image, preprocess_mask
-from training.dataset import DatasetManifest, ManifestEntry, read_mask, read_source_pixels
+from training.dataset import DatasetManifest, ManifestEntry, read_source_pixels
+from training.masks import is_rle, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class CacheError(Exception):
 
 def entry_key(entry: ManifestEntry) -> str:
     parts = [str(entry.image.resolve())]
-    for p in [entry.image, *(Path(s) for s in entry.masks.values() if not s.startswith("rle:"))]:
+    for p in [entry.image, *(Path(s) for s in entry.masks.values() if not is_rle(s))]:
         st = p.stat()
         parts.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
     parts.append(json.dumps(entry.masks, sort_keys=True))
@@ -65,10 +66,11 @@ class CachedImage:
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # suffix picks the codec
-    if not cv2.imwrite(str(tmp), pixels):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        if not cv2.imwrite(str(tmp), pixels):
+            raise OSError(f"cannot write {tmp}")
+
+    write_atomically(path, write)
 
 
 def _cached_paths(directory: Path, entry: ManifestEntry) -> CachedImage:

@@ -14,15 +14,15 @@ import argparse
 import logging
 import sys
 
-import torch.distributed as dist
-
 from scxnn_node.config import ConfigError
 from scxnn_node.model.bundle import BundleError
+from scxnn_node.model.options import PRECISIONS
 from training.cache import CacheError
 from training.dataset import ManifestError
-from training.fit import RunError
+from training.distributed import process_group
 from training.importers import DatasetImportError
-from training.member_training import TrainingInterrupted, distributed_from_env
+from training.member_training import TrainingInterrupted
+from training.run_layout import RunError
 
 USER_ERRORS = (
     BundleError,
@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         help="stop (resumably) after this many epochs in this invocation, e.g. on a time-limited "
         "queue",
     )
+    p.add_argument(
+        "--allow-random-init",
+        action="store_true",
+        help="train a non-demo config without pretrained (ImageNet) encoder weights",
+    )
 
     p = sub.add_parser("export", help="write a finished run as a versioned bundle")
     p.add_argument("--run", required=True)
@@ -71,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="semantic version X.Y.Z")
     p.add_argument("--changelog", help="changelog line (default: describes the run)")
     p.add_argument("--previous", help="previous bundle whose changelog lines to carry on")
+    p.add_argument(
+        "--not-for-clinical-use",
+        action="store_true",
+        help="export a run whose guarantee is not met, marked NOT FOR CLINICAL USE",
+    )
 
     p = sub.add_parser("evaluate", help="evaluate a bundle on a labelled manifest")
     p.add_argument("--bundle", required=True)
@@ -79,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", default="auto", help="auto (test rows if any, else all), all, train, val or test"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N, as the node runs")
+    p.add_argument(
+        "--precision", default="auto", choices=PRECISIONS, help="as the node's model.precision"
+    )
     p.add_argument("--workers", type=int, default=2, help="preprocessing processes")
     p.add_argument("--cache-dir", help="preprocessed-image cache (default OUT/cache)")
 
@@ -131,11 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         from training.fit import fit_run
 
         config = load_training_config(args.config)
-        dist_info = distributed_from_env()
-        if dist_info.distributed:
-            backend = "nccl" if config.training.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
-        try:
+        with process_group(config.training.device) as dist_info:
             metrics = fit_run(
                 config,
                 args.manifest,
@@ -145,10 +154,8 @@ def _run(args: argparse.Namespace) -> int:
                 stop_after_epochs=args.stop_after_epochs,
                 dist_info=dist_info,
                 progress=progress,
+                allow_random_init=args.allow_random_init,
             )
-        finally:
-            if dist_info.distributed:
-                dist.destroy_process_group()
         if metrics is not None:
             auc = metrics["auc"] if metrics["auc"] is not None else float("nan")
             print(
@@ -160,7 +167,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from training.export import export_bundle
 
-        manifest = export_bundle(args.run, args.out, args.version, args.changelog, args.previous)
+        manifest = export_bundle(
+            args.run,
+            args.out,
+            args.version,
+            args.changelog,
+            args.previous,
+            not_for_clinical_use=args.not_for_clinical_use,
+        )
         print(f"bundle {manifest.name} {manifest.version} written to {args.out}")
     elif args.command == "evaluate":
         from training.evaluate import evaluate_bundle
@@ -171,13 +185,17 @@ def _run(args: argparse.Namespace) -> int:
             args.out,
             split=args.split,
             device=args.device,
+            precision=args.precision,
             cache_dir=args.cache_dir,
             workers=args.workers,
             progress=progress,
         )
+        st = m["study"]
         print(
             f"{m['n_images']} images ({m['split']}): sensitivity {m['sensitivity']} "
             f"{m['sensitivity_ci']}, specificity {m['specificity']} {m['specificity_ci']}; "
+            f"{st['n_studies']} studies: sensitivity {st['sensitivity']} {st['sensitivity_ci']}, "
+            f"specificity {st['specificity']} {st['specificity_ci']}; "
             f"report in {args.out}/report.md"
         )
     elif args.command.startswith("import-"):

@@ -57,11 +57,25 @@ class TrainingSection(_Section):
 
 
 class SecondStageSection(_Section):
+    """The SVM, its threshold and the critical safety net (DESIGN.md rule 8).
+
+    The validation patients are cut in two (training/calibration_split.py): the SVM and the
+    member temperatures are fitted on the "fit" part; the Neyman-Pearson threshold and the
+    critical safety net are set on the other `calibration_fraction` of the patients, which
+    nothing was fitted on, so the miss-rate guarantee holds out of sample. The cut is per
+    patient, stratified by normal/abnormal and seeded by `calibration_seed`; every image's
+    role is written to <run>/image_roles.csv.
+    """
+
     kernel: Literal["rbf", "linear", "poly", "sigmoid"] = "rbf"
     c: float = Field(1.0, gt=0)
     class_weight: Literal["balanced", "none"] | dict[int, float] = "balanced"
     target_sensitivity: float = Field(0.99, gt=0, le=1)
     confidence: float = Field(0.95, gt=0, lt=1)  # of the Neyman-Pearson miss-rate guarantee
+    calibration_fraction: float = Field(0.5, gt=0, lt=1)  # of the validation patients
+    calibration_seed: int = 0
+    # Per critical finding: the miss rate its safety-net threshold keeps, at `confidence`.
+    critical_miss_rate: float = Field(0.01, gt=0, lt=1)
 
 
 class SplitSection(_Section):
@@ -83,6 +97,10 @@ _RUNTIME_ONLY: dict[str, Any] = {
 }
 
 
+#: serving_precision "auto": what the node's engine runs at on the config's device.
+_AUTO_PRECISION = {"cpu": "fp32", "gpu": "bf16"}
+
+
 class TrainingConfig(_Section):
     name: str = "scxnn"  # bundle name
     demo: bool = False  # true for bundles that must not be mistaken for clinical ones
@@ -101,6 +119,11 @@ class TrainingConfig(_Section):
     split: SplitSection = SplitSection()
     training: TrainingSection = TrainingSection()
     second_stage: SecondStageSection = SecondStageSection()
+    # The precision the node serves this bundle at; the validation logits that set the
+    # thresholds are computed at it (so the guarantee holds for the scores the node sees) and
+    # the bundle's manifest records it (a node serving at another precision warns). auto:
+    # fp32 when training.device is cpu, else bf16 (the node's CUDA default).
+    serving_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
     @field_validator("findings")
     @classmethod
@@ -120,6 +143,12 @@ class TrainingConfig(_Section):
         if value not in ARCHITECTURES:
             raise ValueError(f"unknown architecture; known: {sorted(ARCHITECTURES)}")
         return value
+
+    @property
+    def resolved_serving_precision(self) -> str:
+        if self.serving_precision != "auto":
+            return self.serving_precision
+        return _AUTO_PRECISION["cpu" if self.training.device == "cpu" else "gpu"]
 
     @property
     def catalogue(self) -> FindingCatalogue:

@@ -8,13 +8,28 @@ unless absolute. Columns:
     label_kind    hard (reliable labels, masks where drawn) or weak (e.g. report-mined labels)
     split         train, val, test, or empty for the automatic patient-level 8:1:1 split
     <finding>     one column per finding of the catalogue: 1, 0, or empty for unknown
-    mask_<finding>  optional lesion mask of a present finding: a PNG (non-zero = lesion, the
-                  image's size), a .json file of polygons in image pixels
-                  ({"polygons": [[[x, y], ...], ...]}), or "rle:" + a SIIM-style run-length
-                  string (start/length pairs, starts relative to the previous run's end,
-                  pixels counted column by column)
+    mask_<finding>  optional lesion mask of a present finding: a PNG, a .json file of polygons
+                  or "rle:" + a SIIM-style run-length string (formats: training/masks.py)
     other_disease optional: the name of a disease outside the catalogue shown by the image
                   (the image is abnormal; it feeds the thesis's Table 9)
+    no_finding    optional: 1 when the source states that the image shows no finding at all
+                  (its empty finding cells then read as 0); 0 when the source's labels are
+                  not exhaustive (an importer writes 0 unless the source says "no finding" or
+                  labels every catalogue finding absent); empty when the finding columns are
+                  all the manifest claims to know
+    study_id      optional: images of one study share it (evaluation reports per study, as
+                  the node triages); empty: the image is a study of its own
+
+An image is abnormal when a finding is 1 or other_disease names a disease. It is normal only
+when no_finding is 1, or no_finding is empty and every finding column is 0; otherwise its
+status is unknown and it is never used as a normal (second stage, threshold, evaluation, a
+member's normal class).
+
+Two rows with the same file content are refused (the error names both rows): a copy of an
+image under another patient would straddle the patient-level split. Importers drop such copies
+with a warning (training/importers.py). Files are compared by size first and hashed only when
+sizes collide, so a large manifest is not read twice; empty files are left to the cache, which
+reports them as unreadable.
 
 Validation names the row and column of every problem it finds and reports them all at once.
 """
@@ -23,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,15 +46,27 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from scxnn_node.atomic_file import write_atomically
 from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.imaging.decode import load_image, read_dataset
+from training.masks import is_rle, mask_problem
 
 SPLITS = ("train", "val", "test")
 LABEL_KINDS = ("hard", "weak")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_PREFIX = "mask_"
-RLE_PREFIX = "rle:"
-BASE_COLUMNS = ("image", "patient_id", "label_kind", "split", "other_disease")
+NO_FINDING = "no_finding"
+STUDY_ID = "study_id"
+_HASH_CHUNK = 1 << 20
+BASE_COLUMNS = (
+    "image",
+    "patient_id",
+    "label_kind",
+    "split",
+    "other_disease",
+    "no_finding",
+    "study_id",
+)
 REQUIRED_COLUMNS = ("image", "patient_id")
 
 
@@ -56,6 +82,22 @@ class ManifestError(Exception):
         super().__init__(f"{path}: {len(self.problems)} problem(s)\n  " + "\n  ".join(shown) + tail)
 
 
+def abnormal_status(
+    labels: Iterable[int | None], other_disease: str = "", no_finding: bool | None = None
+) -> int | None:
+    """1 if any finding (or a disease outside the catalogue) is present; 0 if the source states
+    no finding, or makes no statement (`no_finding` None) and every finding is known absent;
+    None when that cannot be told."""
+    values = list(labels)
+    if other_disease or any(v == 1 for v in values):
+        return 1
+    if no_finding is True:
+        return 0
+    if no_finding is None and all(v == 0 for v in values):
+        return 0
+    return None
+
+
 @dataclass(frozen=True)
 class ManifestEntry:
     """One image of a manifest, its labels and masks; paths already resolved."""
@@ -68,20 +110,55 @@ class ManifestEntry:
     labels: dict[str, int | None]
     masks: dict[str, str] = field(default_factory=dict)  # finding -> resolved path or rle:...
     other_disease: str = ""
+    no_finding: bool | None = None  # the source's own statement; None: none made
+    study_id: str = ""
 
     def label(self, finding: str) -> int | None:
         return self.labels.get(finding)
 
     @property
     def abnormal(self) -> int | None:
-        """1 if any finding (or a disease outside the catalogue) is present, 0 if every
-        finding is known absent, None when that cannot be told."""
-        values = list(self.labels.values())
-        if self.other_disease or any(v == 1 for v in values):
-            return 1
-        if all(v == 0 for v in values):
-            return 0
-        return None
+        return abnormal_status(self.labels.values(), self.other_disease, self.no_finding)
+
+    @property
+    def study_key(self) -> str:
+        """The study this image belongs to: its study_id, or a study of its own."""
+        return self.study_id or f"row-{self.row}"
+
+
+@dataclass(frozen=True)
+class Study:
+    """The images of one study and its reference standard, merged over them: a finding is
+    present if any image shows it, absent if every image is known without it."""
+
+    study_id: str
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def labels(self) -> dict[str, int | None]:
+        merged: dict[str, int | None] = {}
+        for finding in self.entries[0].labels:
+            values = [e.label(finding) for e in self.entries]
+            merged[finding] = 1 if 1 in values else 0 if all(v == 0 for v in values) else None
+        return merged
+
+    @property
+    def other_disease(self) -> str:
+        return "; ".join(sorted({e.other_disease for e in self.entries if e.other_disease}))
+
+    @property
+    def abnormal(self) -> int | None:
+        """1 if any image is abnormal, 0 if every image is normal, else None."""
+        values = [e.abnormal for e in self.entries]
+        return 1 if 1 in values else 0 if all(v == 0 for v in values) else None
+
+
+def group_studies(entries: Iterable[ManifestEntry]) -> list[Study]:
+    """Entries grouped by study, in the order each study first appears."""
+    groups: dict[str, list[ManifestEntry]] = {}
+    for e in entries:
+        groups.setdefault(e.study_key, []).append(e)
+    return [Study(key, tuple(members)) for key, members in groups.items()]
 
 
 @dataclass(frozen=True)
@@ -151,93 +228,43 @@ def read_source_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
-def decode_siim_rle(rle: str, shape: tuple[int, int]) -> np.ndarray:
-    """SIIM-ACR run-length string -> 0/1 mask of `shape` (rows, columns)."""
-    rows, cols = shape
-    values = [int(v) for v in rle.split()]
-    if len(values) % 2:
-        raise ValueError("RLE needs start/length pairs (an even count of numbers)")
-    flat = np.zeros(rows * cols, np.uint8)
-    position = 0
-    for start, length in zip(values[0::2], values[1::2], strict=True):
-        if start < 0 or length < 0:
-            raise ValueError("RLE starts and lengths must not be negative")
-        position += start
-        if position + length > flat.size:
-            raise ValueError(f"RLE runs past the end of a {rows}x{cols} image")
-        flat[position : position + length] = 1
-        position += length
-    return flat.reshape(cols, rows).T.copy()  # pixels counted column by column
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def encode_siim_rle(mask: np.ndarray) -> str:
-    """0/1 mask -> SIIM-ACR run-length string (the inverse of decode_siim_rle)."""
-    flat = (np.asarray(mask) > 0).T.reshape(-1).astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [0]])))
-    starts, ends = edges[0::2], edges[1::2]
-    out, previous_end = [], 0
-    for s, e in zip(starts, ends, strict=True):
-        out += [int(s - previous_end), int(e - s)]
-        previous_end = e
-    return " ".join(str(v) for v in out)
+def duplicate_content(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(first, later) index pairs of files with identical bytes. Files are grouped by size and
+    hashed only where sizes collide; missing and empty files are left out."""
+    by_size: dict[int, list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size:
+            by_size.setdefault(size, []).append(i)
+    pairs: list[tuple[int, int]] = []
+    for candidates in by_size.values():
+        if len(candidates) < 2:
+            continue
+        first_by_hash: dict[str, int] = {}
+        for i in candidates:
+            digest = file_sha256(paths[i])
+            if digest in first_by_hash:
+                pairs.append((first_by_hash[digest], i))
+            else:
+                first_by_hash[digest] = i
+    return sorted(pairs, key=lambda pair: pair[1])
 
 
-def polygons_to_mask(
-    polygons: Sequence[Sequence[Sequence[float]]], shape: tuple[int, int]
-) -> np.ndarray:
-    mask = np.zeros(shape, np.uint8)
-    for polygon in polygons:
-        points = np.asarray(polygon, dtype=np.float64)
-        if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
-            raise ValueError("a polygon is a list of at least 3 [x, y] points")
-        cv2.fillPoly(mask, [np.rint(points).astype(np.int32)], 1)
-    return mask
-
-
-def read_polygon_file(path: Path) -> list[list[list[float]]]:
-    data = json.loads(path.read_text())
-    polygons = data.get("polygons") if isinstance(data, dict) else data
-    if not isinstance(polygons, list):
-        raise ValueError(f"{path}: expected {{'polygons': [...]}} or a list of polygons")
-    return polygons
-
-
-def read_mask(spec: str, shape: tuple[int, int]) -> np.ndarray:
-    """A mask reference from a manifest -> 0/1 uint8 mask of the image's `shape`."""
-    if spec.startswith(RLE_PREFIX):
-        return decode_siim_rle(spec[len(RLE_PREFIX) :], shape)
-    path = Path(spec)
-    if path.suffix.lower() == ".json":
-        return polygons_to_mask(read_polygon_file(path), shape)
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError(f"{path}: not a readable mask image")
-    if mask.shape != shape:
-        raise ValueError(
-            f"{path}: mask is {mask.shape[0]}x{mask.shape[1]}, image {shape[0]}x{shape[1]}"
-        )
-    return (mask > 0).astype(np.uint8)
-
-
-def _check_mask(spec: str, shape: tuple[int, int]) -> str | None:
-    """None if the mask fits the image, else what is wrong with it."""
-    if not spec.startswith(RLE_PREFIX) and not Path(spec).is_file():
-        return f"mask file not found: {spec}"
-    try:
-        if not spec.startswith(RLE_PREFIX) and Path(spec).suffix.lower() == ".png":
-            with Image.open(spec) as im:
-                size = (im.height, im.width)
-            if size != shape:
-                return (
-                    f"mask size mismatch: mask is {size[0]}x{size[1]}, "
-                    f"image is {shape[0]}x{shape[1]}"
-                )
-            return None
-        if not read_mask(spec, shape).any():
-            return "mask is empty (no lesion pixel inside the image)"
-        return None
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
-        return str(exc)
+def _parse_no_finding(value: str) -> bool | None:
+    label = _parse_label(value)
+    return None if label is None else bool(label)
 
 
 def _parse_label(value: str) -> int | None:
@@ -300,6 +327,8 @@ def load_manifest(
     entries: list[ManifestEntry] = []
     seen_images: dict[Path, int] = {}
     patient_splits: dict[str, dict[str, int]] = {}
+    study_patients: dict[str, dict[str, int]] = {}
+    image_values: dict[int, str] = {}
     for line, row in enumerate(reader, start=2):
         where = f"row {line}"
         image_value = (row.get("image") or "").strip()
@@ -327,6 +356,29 @@ def load_manifest(
                 labels[finding] = _parse_label(row.get(finding) or "")
             except ValueError as exc:
                 problems.append(f"{where}, column {finding!r}: {exc}")
+        other_disease = (row.get("other_disease") or "").strip()
+        try:
+            no_finding = _parse_no_finding(row.get(NO_FINDING) or "")
+        except ValueError as exc:
+            problems.append(f"{where}, column '{NO_FINDING}': {exc}")
+            no_finding = None
+        if no_finding:
+            present = [f for f, v in labels.items() if v == 1]
+            if present:
+                problems.append(
+                    f"{where}, column '{NO_FINDING}': 1 (no finding) but {', '.join(present)} "
+                    f"{'is' if len(present) == 1 else 'are'} 1"
+                )
+            if other_disease:
+                problems.append(
+                    f"{where}, column '{NO_FINDING}': 1 (no finding) but other_disease names "
+                    f"{other_disease!r}"
+                )
+            # "No finding at all" answers every finding the row leaves empty.
+            labels = {f: 0 if v is None else v for f, v in labels.items()}
+        study_id = (row.get(STUDY_ID) or "").strip()
+        if study_id and patient:
+            study_patients.setdefault(study_id, {}).setdefault(patient, line)
         masks: dict[str, str] = {}
         for column, finding in mask_columns.items():
             value = (row.get(column) or "").strip()
@@ -335,7 +387,7 @@ def load_manifest(
             if labels[finding] != 1:
                 problems.append(f"{where}, column {column!r}: a mask for a finding not labelled 1")
                 continue
-            masks[finding] = value if value.startswith(RLE_PREFIX) else str(_resolve(root, value))
+            masks[finding] = value if is_rle(value) else str(_resolve(root, value))
         if check_files:
             if not image.is_file():
                 problems.append(f"{where}, column 'image': file not found: {image}")
@@ -346,11 +398,12 @@ def load_manifest(
                     problems.append(f"{where}, column 'image': unreadable ({exc})")
                 else:
                     for finding, spec in masks.items():
-                        issue = _check_mask(spec, shape)
+                        issue = mask_problem(spec, shape)
                         if issue:
                             problems.append(f"{where}, column '{MASK_PREFIX}{finding}': {issue}")
         if split is not None and patient:
             patient_splits.setdefault(patient, {}).setdefault(split, line)
+        image_values[line] = image_value
         entries.append(
             ManifestEntry(
                 row=line,
@@ -360,9 +413,23 @@ def load_manifest(
                 split=split,
                 labels=labels,
                 masks=masks,
-                other_disease=(row.get("other_disease") or "").strip(),
+                other_disease=other_disease,
+                no_finding=no_finding,
+                study_id=study_id,
             )
         )
+    for study, patients in sorted(study_patients.items()):
+        if len(patients) > 1:
+            ordered_patients = sorted(patients.items(), key=lambda x: x[1])
+            where = ", ".join(f"{p} (row {r})" for p, r in ordered_patients)
+            problems.append(f"study {study!r} spans patients: {where}")
+    if check_files:
+        for first, later in duplicate_content([e.image for e in entries]):
+            a, b = entries[first].row, entries[later].row
+            problems.append(
+                f"row {b}, column 'image': same content as row {a} "
+                f"({image_values[b]}, {image_values[a]})"
+            )
     for patient, splits in sorted(patient_splits.items()):
         if len(splits) > 1:
             where = ", ".join(
@@ -394,6 +461,8 @@ class ManifestRow:
     split: str = ""
     masks: dict[str, str] = field(default_factory=dict)
     other_disease: str = ""
+    no_finding: bool | None = None
+    study_id: str = ""
 
 
 def write_manifest(path: str | Path, rows: Iterable[ManifestRow], findings: Sequence[str]) -> Path:
@@ -402,21 +471,31 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow], findings: Sequ
     rows = list(rows)
     mask_findings = [f for f in findings if any(f in r.masks for r in rows)]
     with_other = any(r.other_disease for r in rows)
+    with_no_finding = any(r.no_finding is not None for r in rows)
+    with_study = any(r.study_id for r in rows)
     header = ["image", "patient_id", "label_kind", "split", *findings]
     header += [MASK_PREFIX + f for f in mask_findings]
     if with_other:
         header.append("other_disease")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        for r in rows:
-            line = [r.image, r.patient_id, r.label_kind, r.split]
-            line += ["" if r.labels.get(f) is None else str(int(r.labels[f])) for f in findings]
-            line += [r.masks.get(f, "") for f in mask_findings]
-            if with_other:
-                line.append(r.other_disease)
-            writer.writerow(line)
-    tmp.replace(path)
-    return path
+    if with_no_finding:
+        header.append(NO_FINDING)
+    if with_study:
+        header.append(STUDY_ID)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            for r in rows:
+                line = [r.image, r.patient_id, r.label_kind, r.split]
+                line += ["" if r.labels.get(f) is None else str(int(r.labels[f])) for f in findings]
+                line += [r.masks.get(f, "") for f in mask_findings]
+                if with_other:
+                    line.append(r.other_disease)
+                if with_no_finding:
+                    line.append("" if r.no_finding is None else str(int(r.no_finding)))
+                if with_study:
+                    line.append(r.study_id)
+                writer.writerow(line)
+
+    return write_atomically(path, write)

@@ -1,8 +1,17 @@
 """Evaluate a bundle on a labelled manifest: the thesis's tables, figures and a report.
 
-The images go through the node's own path (bundle preprocessing spec, inference engine, the
-bundle's second stage and operating point), so the numbers are those the node would produce.
-Writes metrics.json, report.md, predictions.csv, roc.png and confusion.png.
+Two levels. Per image, as the thesis's tables count: every row through the bundle's
+preprocessing, the members and the second stage at the operating point. Per study, as the node
+decides: rows grouped by `study_id` (a study per image without one) and triaged by the node's
+own path (selection, preprocessing, engine, study aggregation, safety net; see
+training/study_triage.py) on the requested device and precision. Both carry 95 % Clopper-
+Pearson intervals, Table 3 included.
+
+A manifest that shares a patient or an image's content with the bundle's training data
+(training/provenance.py) is refused: numbers on seen data claim nothing.
+
+Writes metrics.json, report.md, predictions.csv, study_predictions.csv, roc.png and
+confusion.png.
 """
 
 from __future__ import annotations
@@ -22,12 +31,24 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from scxnn_node.model.bundle import load_bundle
-from scxnn_node.model.engine import EngineOptions, InferenceEngine, softmax
-from scxnn_node.model.member import MEMBER_CLASSES, TARGET
+from scxnn_node.imaging.selection import SelectionPolicy
+from scxnn_node.model.bundle import Bundle, load_bundle
+from scxnn_node.model.decision import softmax
+from scxnn_node.model.engine import InferenceEngine
+from scxnn_node.model.options import EngineOptions
+from scxnn_node.model.result import MEMBER_CLASSES, TARGET, MemberCall, StudyResult
 from training.cache import build_cache
-from training.dataset import SPLITS, DatasetManifest, ManifestError, load_manifest
-from training.metrics import EvaluationInputs, triage_metrics
+from training.dataset import (
+    SPLITS,
+    DatasetManifest,
+    ManifestError,
+    Study,
+    group_studies,
+    load_manifest,
+)
+from training.metrics import EvaluationInputs, StudyCall, study_metrics, triage_metrics
+from training.provenance import PROVENANCE_FILE, bundle_provenance
+from training.study_triage import triage_studies
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +67,34 @@ def select_split(manifest: DatasetManifest, split: str) -> tuple[DatasetManifest
     return replace(manifest, entries=entries), split
 
 
+def refuse_seen_data(bundle: Bundle, manifest: DatasetManifest) -> bool:
+    """Raise ManifestError naming every row whose patient or image content the bundle was
+    trained or calibrated on. False (with a warning) for a bundle that keeps no provenance."""
+    provenance = bundle_provenance(bundle)
+    if provenance is None:
+        log.warning(
+            "bundle %s has no training provenance (%s): cannot check that the evaluation data "
+            "are unseen",
+            bundle.path,
+            PROVENANCE_FILE,
+        )
+        return False
+    problems = provenance.overlap(manifest.entries)
+    if problems:
+        raise ManifestError(manifest.path, problems)
+    return True
+
+
+def study_call(study: Study, result: StudyResult) -> StudyCall:
+    targets = {f.name for f in result.findings if f.call is MemberCall.TARGET}
+    return StudyCall(
+        labels=study.labels,
+        abnormal=study.abnormal,
+        verdict=result.verdict,
+        target_findings=frozenset(targets | set(result.safety_net_fired)),
+    )
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -54,20 +103,78 @@ def _ci(ci: list[float] | None) -> str:
     return "n/a" if ci is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
+def _proportion(p: dict[str, Any]) -> str:
+    return f"{p['successes']}/{p['n']} = {_fmt(p['value'])} (95% CI {_ci(p['ci95'])})"
+
+
+def _tier_lines(per_tier: dict[str, dict[str, int]], intervals: dict[str, Any]) -> list[str]:
+    # Image-level tiers have no not_analysed row: every image is analysed there.
+    first = next(iter(per_tier.values()), {})
+    rows = [r for r in ("normal", "target", "others", "not_analysed") if r in first]
+    lines = [
+        "| AI \\ tier | " + " | ".join(per_tier) + " |",
+        "| --- |" + " ---: |" * len(per_tier),
+    ]
+    for row in (*rows, "n"):
+        cells = " | ".join(str(t[row]) for t in per_tier.values())
+        lines.append(f"| {row if row != 'n' else 'total'} | {cells} |")
+    for key, label in (("sensitivity", "not called normal"), ("target", "own member: target")):
+        cells = " | ".join(_proportion(intervals[t][key]) for t in per_tier)
+        lines.append(f"| {label} | {cells} |")
+    return lines
+
+
+def _study_lines(study: dict[str, Any], engine: dict[str, str]) -> list[str]:
+    c = study["confusion"]
+    return [
+        "",
+        "## Studies, as the node triages them",
+        "",
+        f"{study['n_studies']} studies ({study['n_with_known_status']} with a known status), "
+        f"each through the node's own path on {engine['device']} at precision "
+        f"{engine['precision']}: selection, preprocessing, the members, the second stage, the "
+        f"safety net. {study['n_not_analysed']} not analysed (no usable frontal chest image): "
+        "they go to the radiologist like any other study, so they count as found when abnormal "
+        "and as not spared when normal.",
+        "",
+        "| node \\ reference | normal | abnormal |",
+        "| --- | ---: | ---: |",
+        f"| definite normal | {c['ai_normal']['normal']} | {c['ai_normal']['abnormal']} |",
+        f"| abnormal | {c['ai_abnormal']['normal']} | {c['ai_abnormal']['abnormal']} |",
+        f"| not analysed | {c['not_analysed']['normal']} | {c['not_analysed']['abnormal']} |",
+        "",
+        f"Sensitivity {_proportion(study['sensitivity_detail'])}, specificity "
+        f"{_proportion(study['specificity_detail'])}.",
+        "",
+        "Risk tiers per study (Table 3):",
+        "",
+        *_tier_lines(study["per_tier"], study["per_tier_intervals"]),
+    ]
+
+
 def write_report(path: Path, metrics: dict[str, Any]) -> None:
     c = metrics["confusion"]
+    checked = metrics["training_overlap_checked"]
     lines = [
         f"# Evaluation of {metrics['bundle']['name']} {metrics['bundle']['version']}",
         "",
         f"Manifest `{metrics['manifest']}` (sha256 {metrics['manifest_sha256'][:12]}), split "
         f"`{metrics['split']}`: {metrics['n_images']} images, {metrics['n_with_known_status']} "
         f"with a known normal/abnormal status. Operating threshold {metrics['threshold']:.4f}.",
+        "",
+        "No patient and no image content of the evaluation data is among the bundle's training "
+        "data (checked against its salted provenance record)."
+        if checked
+        else "**Overlap with the bundle's training data not checked: the bundle keeps no "
+        "training provenance.**",
     ]
     if metrics["bundle"]["demo"]:
         lines += ["", "**Demo bundle: these numbers claim nothing.**"]
+    if "study" in metrics:
+        lines += _study_lines(metrics["study"], metrics["engine"])
     lines += [
         "",
-        "## Normal / abnormal (thesis Table 2)",
+        "## Images: normal / abnormal (thesis Table 2)",
         "",
         "| AI \\ reference | normal | abnormal |",
         "| --- | ---: | ---: |",
@@ -78,18 +185,15 @@ def write_report(path: Path, metrics: dict[str, Any]) -> None:
         f"specificity {_fmt(metrics['specificity'])} (95% CI {_ci(metrics['specificity_ci'])}), "
         f"AUC {_fmt(metrics['auc'])}.",
         "",
-        "## Risk tiers (thesis Table 3)",
+        "## Images: risk tiers (thesis Table 3)",
         "",
         "Images showing a finding of each tier, by the AI's call: normal (missed), target (a "
         "member of one of the image's findings of that tier said target), others (abnormal for "
-        "another reason).",
+        "another reason); then each tier's share not called normal and share named by its own "
+        "member, with 95% CI.",
         "",
-        "| AI \\ tier | " + " | ".join(metrics["per_tier"]) + " |",
-        "| --- |" + " ---: |" * len(metrics["per_tier"]),
+        *_tier_lines(metrics["per_tier"], metrics["per_tier_intervals"]),
     ]
-    for row in ("normal", "target", "others", "n"):
-        cells = " | ".join(str(t[row]) for t in metrics["per_tier"].values())
-        lines.append(f"| {row if row != 'n' else 'total'} | {cells} |")
     lines += [
         "",
         "## Per finding",
@@ -180,6 +284,40 @@ def write_figures(
     plt.close(fig)
 
 
+def write_study_predictions(
+    path: Path, studies: list[Study], results: list[StudyResult]
+) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "study_id",
+                "patient_id",
+                "images",
+                "analysed",
+                "abnormal",
+                "verdict",
+                "risk_tier",
+                "score",
+                "reason",
+            ]
+        )
+        for study, result in zip(studies, results, strict=True):
+            writer.writerow(
+                [
+                    study.study_id,
+                    study.entries[0].patient_id,
+                    len(study.entries),
+                    len(result.analysed_instances),
+                    "" if study.abnormal is None else study.abnormal,
+                    result.verdict.value,
+                    result.risk_tier or "",
+                    "" if result.abnormality_score is None else f"{result.abnormality_score:.6f}",
+                    result.reason or "",
+                ]
+            )
+
+
 def evaluate_bundle(
     bundle_dir: str | Path,
     manifest_path: str | Path,
@@ -189,14 +327,20 @@ def evaluate_bundle(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     progress: bool = True,
+    precision: str = "auto",
+    policy: SelectionPolicy | None = None,
 ) -> dict[str, Any]:
+    """Evaluate per image and per study; `policy` is the node's selection policy (default:
+    frontal chest views). Raises ManifestError before any inference when the manifest shares
+    patients or images with the bundle's training data."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(bundle_dir)
     manifest, used = select_split(load_manifest(manifest_path), split)
+    checked = refuse_seen_data(bundle, manifest)
+    out.mkdir(parents=True, exist_ok=True)
     spec = bundle.manifest.preprocessing
     cached = build_cache(manifest, spec, cache_dir or out / "cache", workers, progress)
-    engine = InferenceEngine(bundle, EngineOptions(device=device))
+    engine = InferenceEngine(bundle, EngineOptions(device=device, precision=precision))
     entries = list(manifest.entries)
     batch = max(engine.batch_size, 1)
     logits = np.zeros((len(entries), len(bundle.manifest.findings), 3), np.float32)
@@ -217,7 +361,15 @@ def evaluate_bundle(
         other_disease=[e.other_disease for e in entries],
     )
     metrics = triage_metrics(inputs)
+    studies = group_studies(entries)
+    results = triage_studies(engine, studies, cached, policy, progress)
     metrics.update(
+        level="image",
+        study=study_metrics(
+            bundle.manifest.findings,
+            [study_call(st, r) for st, r in zip(studies, results, strict=True)],
+        ),
+        engine={"device": device, "precision": precision},
         bundle={
             "name": bundle.manifest.name,
             "version": bundle.manifest.version,
@@ -226,7 +378,9 @@ def evaluate_bundle(
         manifest=str(manifest.path),
         manifest_sha256=manifest.sha256,
         split=used,
+        training_overlap_checked=checked,
     )
+    write_study_predictions(out / "study_predictions.csv", studies, results)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     with open(out / "predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -248,10 +402,11 @@ def evaluate_bundle(
     write_figures(out, metrics, inputs)
     write_report(out / "report.md", metrics)
     log.info(
-        "evaluated %d images (%s split): sensitivity %s specificity %s",
+        "evaluated %d images, %d studies (%s split): per study sensitivity %s specificity %s",
         len(entries),
+        len(studies),
         used,
-        _fmt(metrics["sensitivity"]),
-        _fmt(metrics["specificity"]),
+        _fmt(metrics["study"]["sensitivity"]),
+        _fmt(metrics["study"]["specificity"]),
     )
     return metrics

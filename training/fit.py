@@ -1,37 +1,39 @@
 """A training run: manifest + config -> trained members, second stage and operating point.
 
-Run directory:
-    run.json                 config fingerprint and manifest hash the run belongs to
-    config.yaml              the validated config
-    dataset.json             split sizes and finding counts per split
-    dataset/manifest.csv     the manifest with every split resolved and absolute paths
-                             (evaluate its test split with `scxnn-train evaluate`)
-    cache/                   preprocessed PNGs (unless config.cache_dir points elsewhere)
-    members/<finding>/       checkpoint.pt, metrics.csv, member.safetensors, done.json,
-                             val_logits.npy
-    second_stage.json, operating_point.json, validation_metrics.json
+The members' validation logits are computed as the node computes them (inference form of the
+member, at the bundle's serving precision); the second stage is fitted and calibrated on
+disjoint validation patients by calibrate.py.
 
-Members are independent: `fit --member X` trains one (on its own machine if the run directory
-is shared or copied back); `fit` without --member trains whatever is missing and then the
-second stage.
+The run directory's layout is in run_layout.py. Members are independent: `fit --member X`
+trains one (on its own machine if the run directory is shared or copied back); `fit` without
+--member trains whatever is missing and then the second stage.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 import yaml
 
+from scxnn_node.atomic_file import write_text_atomically
 from scxnn_node.model.bundle import utc_now_iso
+from scxnn_node.model.fused import FusedMember
+from scxnn_node.model.member import MemberNet
 from scxnn_node.model.second_stage import SvmSecondStage
+from scxnn_node.model.temperature import temperatures_to_dict
 from training.cache import CachedImage, build_cache
+from training.calibrate import ValidationImages, calibrate
+from training.calibration_split import image_roles, write_image_roles
 from training.config import TrainingConfig
 from training.dataset import (
     SPLITS,
@@ -42,28 +44,34 @@ from training.dataset import (
     load_manifest,
     write_manifest,
 )
-from training.member_training import (
-    DONE_FILE,
-    VAL_LOGITS_FILE,
-    WEIGHTS_FILE,
-    DistInfo,
-    MemberTrainer,
-    RunError,
-    build_plans,
-    member_logits_on,
-    save_member,
-)
+from training.distributed import DistInfo
+from training.member_data import build_plans
+from training.member_records import save_member
+from training.member_targets import member_class
+from training.member_training import MemberTrainer
 from training.metrics import EvaluationInputs, triage_metrics
-from training.second_stage_fit import choose_operating_point, fit_second_stage
+from training.run_layout import (
+    CACHE_DIR,
+    CALIBRATION_FILE,
+    CONFIG_FILE,
+    DATASET_FILE,
+    DONE_FILE,
+    IMAGE_ROLES_FILE,
+    OPERATING_POINT_FILE,
+    RESOLVED_MANIFEST,
+    RUN_FILE,
+    SAFETY_NET_FILE,
+    SECOND_STAGE_FILE,
+    TEMPERATURES_FILE,
+    VAL_LOGITS_FILE,
+    VALIDATION_METRICS_FILE,
+    RunError,
+    member_dir,
+    member_done,
+)
+from training.temperature import UNKNOWN
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-SECOND_STAGE_FILE = "second_stage.json"
-OPERATING_POINT_FILE = "operating_point.json"
-VALIDATION_METRICS_FILE = "validation_metrics.json"
-DATASET_FILE = "dataset.json"
-RESOLVED_MANIFEST = "dataset/manifest.csv"
 
 
 @dataclass(frozen=True)
@@ -76,9 +84,7 @@ class PreparedData:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def dataset_summary(manifest: DatasetManifest, findings: list[str]) -> dict[str, Any]:
@@ -112,6 +118,8 @@ def _resolved_rows(manifest: DatasetManifest) -> list[ManifestRow]:
             split=e.split or "",
             masks=dict(e.masks),
             other_disease=e.other_disease,
+            no_finding=e.no_finding,
+            study_id=e.study_id,
         )
         for e in manifest.entries
     ]
@@ -151,12 +159,12 @@ def prepare_run(
         _write_json(
             run_file, {**identity, "created": utc_now_iso(), "manifest": str(manifest.path)}
         )
-        (run / "config.yaml").write_text(
+        (run / CONFIG_FILE).write_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         )
         _write_json(run / DATASET_FILE, dataset_summary(manifest, config.findings))
         write_manifest(run / RESOLVED_MANIFEST, _resolved_rows(manifest), manifest.findings)
-    cache_root = config.cache_dir or run / "cache"
+    cache_root = config.cache_dir or run / CACHE_DIR
     spec = config.preprocessing
     if dist_info.distributed and not dist_info.is_main:
         dist.barrier()  # rank 0 fills the cache first
@@ -168,13 +176,33 @@ def prepare_run(
     return PreparedData(manifest, cached)
 
 
-def member_dir(run_dir: str | Path, finding: str) -> Path:
-    return Path(run_dir) / "members" / finding
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def member_done(run_dir: str | Path, finding: str) -> bool:
-    d = member_dir(run_dir, finding)
-    return (d / DONE_FILE).exists() and (d / WEIGHTS_FILE).exists()
+@torch.inference_mode()
+def member_logits_on(
+    member: MemberNet,
+    cached: Sequence[CachedImage],
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """(N, 3) logits of a trained member on cached preprocessed images, computed as the node's
+    engine computes them by default (model/engine.py): the member's inference form
+    (model/fused.py), channels_last, under autocast at `precision` (fp32, bf16 or fp16), so
+    thresholds set on them hold for the node's scores."""
+    dtype = _AUTOCAST[precision]
+    # A copy: the fused form shares modules with the member, whose weights are saved next.
+    runner = FusedMember(copy.deepcopy(member).eval()).to(device).eval()
+    runner = runner.to(memory_format=torch.channels_last)
+    out = []
+    for start in range(0, len(cached), batch_size):
+        batch = np.stack([c.load_image() for c in cached[start : start + batch_size]])
+        x = torch.from_numpy(batch).unsqueeze(1).to(device).float() / 255.0
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out.append(runner(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 3), np.float32)
 
 
 def train_one_member(
@@ -197,8 +225,13 @@ def train_one_member(
     if not dist_info.is_main:
         return
     val = data.split("val")
+    precision = config.resolved_serving_precision
     logits = member_logits_on(
-        member, [data.cached[e.row] for e in val], config.training.batch_size * 2, trainer.device
+        member,
+        [data.cached[e.row] for e in val],
+        config.training.batch_size * 2,
+        trainer.device,
+        precision,
     )
     np.save(directory / VAL_LOGITS_FILE, logits, allow_pickle=False)
     save_member(
@@ -207,6 +240,7 @@ def train_one_member(
         {
             "finding": finding,
             "val_rows": [e.row for e in val],
+            "val_logits_precision": precision,
             "train_images": {p.name: len(p.train) for p in plans},
             "seconds": round(time.monotonic() - started, 1),
             "finished": utc_now_iso(),
@@ -218,51 +252,91 @@ def train_one_member(
 def fit_second_stage_for_run(
     config: TrainingConfig, data: PreparedData, run_dir: str | Path
 ) -> dict[str, Any]:
-    """SVM on the members' validation logits, Neyman-Pearson threshold, validation metrics."""
+    """The SVM and temperatures on the fit part of validation, the threshold and the critical
+    safety net on the calibration part; writes them, every image's role and the calibration
+    part's metrics (returned)."""
     run = Path(run_dir)
     val = data.split("val")
     rows = [e.row for e in val]
+    precision = config.resolved_serving_precision
     stacked = []
     for finding in config.catalogue.names:
         d = member_dir(run, finding)
         done = json.loads((d / DONE_FILE).read_text())
         if done["val_rows"] != rows:
             raise RunError(f"{d}: validation rows differ from this run's; retrain the member")
+        # Logits from before serving precisions were recorded were computed in fp32.
+        computed_at = done.get("val_logits_precision", "fp32")
+        if computed_at != precision:
+            raise RunError(
+                f"{d}: validation logits were computed at {computed_at}, the run serves at "
+                f"{precision}; retrain the member (or set serving_precision)"
+            )
         stacked.append(np.load(d / VAL_LOGITS_FILE, allow_pickle=False))
     logits = np.stack(stacked, axis=1) if rows else np.zeros((0, len(stacked), 3), np.float32)
-    abnormal = [e.abnormal for e in val]
-    known = np.array([a is not None for a in abnormal], dtype=bool)
-    y = np.array([a == 1 for a in abnormal], dtype=int)
-    if known.sum() == 0 or len(np.unique(y[known])) < 2:
-        raise RunError(
-            "the validation split needs normal and abnormal images for the second stage "
-            f"(it has {int((y[known] == 1).sum())} abnormal, {int((y[known] == 0).sum())} normal)"
-        )
+    names = config.catalogue.names
+    classes = np.array(
+        [[UNKNOWN if (k := member_class(e, f)) is None else k for f in names] for e in val],
+        dtype=int,
+    ).reshape(len(val), len(names))
+    images = ValidationImages(
+        logits=logits,
+        patient_ids=[e.patient_id for e in val],
+        study_ids=[e.study_id for e in val],
+        labels=[e.labels for e in val],
+        abnormal=[e.abnormal for e in val],
+        member_classes=classes,
+    )
     sc = config.second_stage
-    class_weight = None if sc.class_weight == "none" else sc.class_weight
-    stage = fit_second_stage(logits[known], y[known], sc.kernel, sc.c, class_weight)
-    scores = stage.decision_function(logits.reshape(len(logits), -1))
-    op = choose_operating_point(scores[known], y[known], sc.target_sensitivity, sc.confidence)
+    try:
+        result = calibrate(
+            config.catalogue,
+            images,
+            kernel=sc.kernel,
+            c=sc.c,
+            class_weight=None if sc.class_weight == "none" else sc.class_weight,
+            target_sensitivity=sc.target_sensitivity,
+            confidence=sc.confidence,
+            calibration_fraction=sc.calibration_fraction,
+            calibration_seed=sc.calibration_seed,
+            critical_miss_rate=sc.critical_miss_rate,
+            precision=precision,
+        )
+    except ValueError as exc:
+        raise RunError(f"second stage: {exc}") from None
+    calibration_rows = result.split.calibration_mask(images.patient_ids)
+    cal_val = [e for e, on in zip(val, calibration_rows, strict=True) if on]
+    cal_logits = logits[calibration_rows]
     metrics = triage_metrics(
         EvaluationInputs(
             findings=config.catalogue,
-            logits=logits,
-            scores=scores,
-            threshold=op.threshold,
-            labels=[e.labels for e in val],
-            abnormal=abnormal,
-            other_disease=[e.other_disease for e in val],
+            logits=cal_logits,
+            scores=result.second_stage.decision_function(cal_logits.reshape(len(cal_val), -1)),
+            threshold=result.operating_point.threshold,
+            labels=[e.labels for e in cal_val],
+            abnormal=[e.abnormal for e in cal_val],
+            other_disease=[e.other_disease for e in cal_val],
         )
     )
-    _write_json(run / SECOND_STAGE_FILE, stage.to_dict())
-    _write_json(run / OPERATING_POINT_FILE, op.to_dict())
+    metrics["evaluated_on"] = "calibration part of validation (images; thresholds set here)"
+    write_image_roles(run / IMAGE_ROLES_FILE, image_roles(data.manifest.entries, result.split))
+    _write_json(run / SECOND_STAGE_FILE, result.second_stage.to_dict())
+    _write_json(run / TEMPERATURES_FILE, temperatures_to_dict(names, result.temperatures))
+    _write_json(run / OPERATING_POINT_FILE, result.operating_point.to_dict())
+    _write_json(run / SAFETY_NET_FILE, result.safety_net.to_dict())
+    _write_json(run / CALIBRATION_FILE, result.summary)
     _write_json(run / VALIDATION_METRICS_FILE, metrics)
+    v = result.operating_point.validation
     log.info(
-        "second stage: %d validation images; at threshold %.4f sensitivity %.3f specificity %.3f",
-        int(known.sum()),
-        op.threshold,
-        op.validation["sensitivity"],
-        op.validation["specificity"],
+        "second stage: SVM on %d fit images, threshold %.4f on %d calibration %ss: sensitivity "
+        "%.3f specificity %.3f; guarantee %s",
+        v["n_fit_images"],
+        result.operating_point.threshold,
+        v["n_calibration_studies"],
+        v["threshold_unit"],
+        v["sensitivity"],
+        v["specificity"],
+        "met" if result.guarantee_met else "NOT met",
     )
     return metrics
 
@@ -280,12 +354,26 @@ def fit_run(
     stop_after_epochs: int | None = None,
     dist_info: DistInfo | None = None,
     progress: bool = True,
+    allow_random_init: bool = False,
 ) -> dict[str, Any] | None:
     """Train `member` only, or every member not yet done and then the second stage (whose
-    validation metrics are returned)."""
+    validation metrics are returned). A run that is not a demo needs pretrained encoder
+    weights unless `allow_random_init`."""
     dist_info = dist_info or DistInfo()
     if member is not None and member not in config.findings:
         raise RunError(f"--member {member!r} is not one of the config's findings {config.findings}")
+    if config.imagenet_weights is None and not config.demo:
+        if not allow_random_init:
+            raise RunError(
+                "the config is not a demo (demo: false) and gives no ImageNet (or other "
+                "pretrained) encoder weights (imagenet_weights): the thesis starts every member "
+                "from them. Give a local weights file, or pass --allow-random-init to train "
+                "from random weights on purpose"
+            )
+        log.warning(
+            "TRAINING FROM RANDOM WEIGHTS (--allow-random-init): no pretrained encoder; expect "
+            "weaker members than the thesis's"
+        )
     data = prepare_run(config, manifest_path, run_dir, dist_info, progress)
     todo = [member] if member else config.catalogue.names
     for finding in todo:

@@ -1,16 +1,28 @@
 """Importers: public dataset layouts -> a manifest (see training/dataset.py).
 
 Each takes a small YAML mapping from the dataset's own class names to catalogue findings.
-A mapping value is a finding name, `normal` (the class means no finding), `other:<name>` (a
-disease outside the catalogue, recorded in other_disease) or `ignore` (the class is dropped
-from the labels). Every importer writes the manifest and returns its path; the manifest is then
-validated by `load_manifest` like any other.
+A mapping value is a finding name, `normal` (the class means no finding at all), `other:<name>`
+(a disease outside the catalogue, recorded in other_disease) or `ignore` (an image showing the
+class is dropped: what it shows is neither named nor known to be absent).
+
+An image is written as normal (no_finding 1) only when the source says so (a class or column
+mapped to `normal`), or labels every catalogue finding absent. Anything else without a present
+finding gets no_finding 0: its mapped findings are known absent, but whatever the mapping leaves
+out (an unmapped column, a finding the dataset never labels) may be there, so it never serves as
+a normal image.
+
+Copies (identical file content) are dropped with a warning naming both files; a copy carrying
+other labels is an error. Without a patient column or pattern each image is its own patient
+(its file stem), which the importer warns about: the patient-level split can then not keep one
+person's images together. Every importer writes the manifest and returns its path; the manifest
+is then validated by `load_manifest` like any other.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,14 +34,10 @@ import numpy as np
 from scxnn_node.config import ConfigError, read_yaml_mapping
 from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.imaging.decode import read_dataset
-from training.dataset import (
-    RASTER_SUFFIXES,
-    RLE_PREFIX,
-    ManifestRow,
-    decode_siim_rle,
-    encode_siim_rle,
-    write_manifest,
-)
+from training.dataset import RASTER_SUFFIXES, ManifestRow, duplicate_content, write_manifest
+from training.masks import RLE_PREFIX, decode_siim_rle, encode_siim_rle
+
+log = logging.getLogger(__name__)
 
 NORMAL = "normal"
 IGNORE = "ignore"
@@ -71,18 +79,47 @@ class ClassMapping:
             raise DatasetImportError(f"{source}: class {name!r} is not in the mapping")
         return self.classes[name]
 
-    def labels_for(self, names: Iterable[str], source: str) -> tuple[dict[str, int | None], str]:
-        """Exhaustive labels over the mapped findings for an image showing `names`, and its
-        outside-catalogue disease (if any)."""
+    def labels_for(
+        self, names: Iterable[str], source: str, empty_is_normal: bool = False
+    ) -> SourceLabels | None:
+        """Labels for an image whose source lists the classes `names` and no others: the mapped
+        findings are present or known absent. None when a class is mapped to `ignore` (the
+        image is dropped). An empty list states no finding only with `empty_is_normal`."""
         labels: dict[str, int | None] = dict.fromkeys(self.findings, 0)
         others = []
+        stated_normal = False
+        names = list(names)
         for name in names:
             target = self.target(name, source)
-            if target in labels:
+            if target == IGNORE:
+                return None
+            if target == NORMAL:
+                stated_normal = True
+            elif target in labels:
                 labels[target] = 1
             elif target.startswith(OTHER_PREFIX):
                 others.append(target[len(OTHER_PREFIX) :])
-        return labels, "; ".join(sorted(set(others)))
+        return SourceLabels.of(labels, others, stated_normal or (empty_is_normal and not names))
+
+
+@dataclass(frozen=True)
+class SourceLabels:
+    """What a source says about one image, as the manifest will record it."""
+
+    labels: dict[str, int | None]
+    other_disease: str
+    no_finding: bool
+
+    @classmethod
+    def of(
+        cls, labels: dict[str, int | None], others: Iterable[str], stated_normal: bool
+    ) -> SourceLabels:
+        """No finding when nothing is present and the source says so, or when it labels every
+        catalogue finding absent."""
+        other = "; ".join(sorted(set(others)))
+        present = other or any(v == 1 for v in labels.values())
+        every_absent = all(labels.get(f) == 0 for f in THESIS_CATALOGUE.names)
+        return cls(labels, other, not present and (stated_normal or every_absent))
 
 
 def read_mapping(path: str | Path, key: str = "classes") -> tuple[ClassMapping, dict[str, Any]]:
@@ -95,6 +132,42 @@ def read_mapping(path: str | Path, key: str = "classes") -> tuple[ClassMapping, 
     if not isinstance(classes, dict) or not classes:
         raise DatasetImportError(f"{path}: needs a '{key}' mapping of dataset classes to findings")
     return ClassMapping({str(k): str(v) for k, v in classes.items()}), raw
+
+
+def _warn_stem_patients(count: int, source: str | Path) -> None:
+    if count:
+        log.warning(
+            "%s: %d image(s) have no patient id and are each taken as their own patient (the "
+            "file stem); give a patient column or pattern so that the patient-level split keeps "
+            "one person's images together",
+            source,
+            count,
+        )
+
+
+def _warn_ignored(count: int, source: str | Path) -> None:
+    if count:
+        log.warning(
+            "%s: %d image(s) dropped: a class of theirs is mapped to 'ignore'", source, count
+        )
+
+
+def _write_unique(
+    out: Path, rows: list[ManifestRow], paths: list[Path], findings: list[str]
+) -> Path:
+    """Write the manifest without copies: a later file with the same content as an earlier one
+    is dropped with a warning when its labels agree, and refused when they do not."""
+    dropped: set[int] = set()
+    for first, later in duplicate_content(paths):
+        a, b = rows[first], rows[later]
+        if (a.labels, a.other_disease, a.no_finding) != (b.labels, b.other_disease, b.no_finding):
+            raise DatasetImportError(
+                f"{paths[later]} has the same content as {paths[first]} but different labels"
+            )
+        log.warning("%s has the same content as %s; dropped", paths[later], paths[first])
+        dropped.add(later)
+    kept = [r for i, r in enumerate(rows) if i not in dropped]
+    return write_manifest(out, kept, findings)
 
 
 def _patient_from(name: str, pattern: str | None, source: str) -> str:
@@ -148,20 +221,25 @@ def import_class_folders(
                     found.append((image, folder.name, image.name))
     if not found:
         raise DatasetImportError(f"{root}: no images found")
-    rows = []
+    rows, paths, ignored = [], [], 0
     for image, label, name in found:
-        if mapping.target(label, str(image)) == IGNORE:
+        source = mapping.labels_for([label], str(image))
+        if source is None:
+            ignored += 1
             continue
-        labels, other = mapping.labels_for([label], str(image))
         rows.append(
             ManifestRow(
                 image=_relative(image, out.parent),
                 patient_id=_patient_from(name, patient_regex, str(image)),
-                labels=labels,
-                other_disease=other,
+                labels=source.labels,
+                other_disease=source.other_disease,
+                no_finding=source.no_finding,
             )
         )
-    return write_manifest(out, rows, mapping.findings)
+        paths.append(image)
+    _warn_ignored(ignored, root)
+    _warn_stem_patients(0 if patient_regex or patient_column else len(rows), root)
+    return _write_unique(out, rows, paths, mapping.findings)
 
 
 def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | Path) -> Path:
@@ -172,8 +250,9 @@ def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | 
     image_root: images                 # optional, relative to the source CSV
     label_kind: hard                   # or weak; or label_kind_column
     split_column: split                # optional, values train/val/test
-    # either one column per finding (CheXpert-like):
-    columns: {Pneumothorax: pneumothorax, Cardiomegaly: cardiomegaly}
+    # either one column per finding (CheXpert-like); a column mapped to normal states no
+    # finding when positive, one mapped to ignore drops the image when positive:
+    columns: {No Finding: normal, Pneumothorax: pneumothorax, Cardiomegaly: cardiomegaly}
     positive: ["1", "1.0"]             # other values than positive/negative = unknown
     negative: ["0", "0.0"]
     # or one multi-label column (NIH-like):
@@ -204,7 +283,7 @@ def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | 
     else:
         class_map, _ = read_mapping(mapping_path)
         findings = class_map.findings
-    rows = []
+    rows, paths, ignored = [], [], 0
     with open(source, newline="") as fh:
         reader = csv.DictReader(fh)
         needed = [image_column, *(per_column or {}), *([multi] if multi else [])]
@@ -218,7 +297,8 @@ def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | 
             where = f"{source} row {line}"
             if per_column:
                 labels: dict[str, int | None] = {}
-                other = ""
+                others: list[str] = []
+                stated_normal = dropped = False
                 for column, target in column_map.classes.items():
                     value = row[column].strip()
                     v = 1 if value in positive else 0 if value in negative else None
@@ -226,11 +306,23 @@ def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | 
                         # Several source columns may map to one finding: any positive wins.
                         prev = labels.get(target)
                         labels[target] = v if prev is None or v == 1 else prev
-                    elif target.startswith(OTHER_PREFIX) and v == 1:
-                        other = target[len(OTHER_PREFIX) :]
+                    elif v != 1:
+                        continue
+                    elif target == NORMAL:
+                        stated_normal = True
+                    elif target == IGNORE:
+                        dropped = True
+                    elif target.startswith(OTHER_PREFIX):
+                        others.append(target[len(OTHER_PREFIX) :])
+                labelled: SourceLabels | None = (
+                    None if dropped else SourceLabels.of(labels, others, stated_normal)
+                )
             else:
                 names = [n.strip() for n in row[multi].split(options.get("separator", "|"))]
-                labels, other = class_map.labels_for([n for n in names if n], where)
+                labelled = class_map.labels_for([n for n in names if n], where)
+            if labelled is None:
+                ignored += 1
+                continue
             image = image_root / row[image_column]
             patient = (
                 row[options["patient_column"]] if options.get("patient_column") else image.stem
@@ -244,13 +336,17 @@ def import_generic_csv(source: str | Path, mapping_path: str | Path, out: str | 
                 ManifestRow(
                     image=_relative(image, out.parent),
                     patient_id=patient,
-                    labels=labels,
+                    labels=labelled.labels,
                     label_kind=kind,
                     split=row[options["split_column"]] if options.get("split_column") else "",
-                    other_disease=other,
+                    other_disease=labelled.other_disease,
+                    no_finding=labelled.no_finding,
                 )
             )
-    return write_manifest(out, rows, findings)
+            paths.append(image)
+    _warn_ignored(ignored, source)
+    _warn_stem_patients(0 if options.get("patient_column") else len(rows), source)
+    return _write_unique(out, rows, paths, findings)
 
 
 def import_chestx_det(
@@ -262,10 +358,15 @@ def import_chestx_det(
 ) -> Path:
     """ChestX-Det style JSON: a list of {"file_name", "syms": [class, ...], "polygons":
     [[[x, y], ...], ...]} with one polygon per sym. Each mapped finding's polygons become a
-    polygon JSON mask next to the manifest (out_dir/masks/)."""
+    polygon JSON mask next to the manifest (out_dir/masks/). An image without syms is normal
+    only when the mapping says `unannotated: normal` (the default, `unknown`, leaves open what
+    the annotators did not look for)."""
     out, images = Path(out), Path(images)
     mapping, options = read_mapping(mapping_path)
     patient_regex = patient_regex or options.get("patient_regex")
+    unannotated = str(options.get("unannotated", "unknown"))
+    if unannotated not in ("normal", "unknown"):
+        raise DatasetImportError(f"{mapping_path}: unannotated must be normal or unknown")
     try:
         items = json.loads(Path(annotations).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -274,7 +375,7 @@ def import_chestx_det(
         raise DatasetImportError(f"{annotations}: expected a JSON list of images")
     mask_dir = out.parent / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, paths, ignored = [], [], 0
     for n, item in enumerate(items):
         where = f"{annotations} item {n}"
         try:
@@ -284,11 +385,14 @@ def import_chestx_det(
             raise DatasetImportError(f"{where}: needs file_name, syms and polygons") from None
         if len(polygons) != len(syms):
             raise DatasetImportError(f"{where}: {len(syms)} syms but {len(polygons)} polygons")
-        labels, other = mapping.labels_for(syms, where)
+        labelled = mapping.labels_for(syms, where, empty_is_normal=unannotated == "normal")
+        if labelled is None:
+            ignored += 1
+            continue
         by_finding: dict[str, list[Any]] = {}
         for sym, polygon in zip(syms, polygons, strict=True):
             target = mapping.target(sym, where)
-            if target in labels and polygon:
+            if target in labelled.labels and polygon:
                 by_finding.setdefault(target, []).append(polygon)
         masks = {}
         for finding, polys in by_finding.items():
@@ -299,12 +403,16 @@ def import_chestx_det(
             ManifestRow(
                 image=_relative(images / name, out.parent),
                 patient_id=_patient_from(name, patient_regex, where),
-                labels=labels,
+                labels=labelled.labels,
                 masks=masks,
-                other_disease=other,
+                other_disease=labelled.other_disease,
+                no_finding=labelled.no_finding,
             )
         )
-    return write_manifest(out, rows, mapping.findings)
+        paths.append(images / name)
+    _warn_ignored(ignored, annotations)
+    _warn_stem_patients(len(rows) if not patient_regex else 0, annotations)
+    return _write_unique(out, rows, paths, mapping.findings)
 
 
 def import_siim(rle_csv: str | Path, images: str | Path, out: str | Path) -> Path:
@@ -326,7 +434,7 @@ def import_siim(rle_csv: str | Path, images: str | Path, out: str | Path) -> Pat
             runs.setdefault(image_id, [])
             if rle and rle != "-1":
                 runs[image_id].append(rle)
-    rows = []
+    rows, paths, stem_patients = [], [], 0
     for image_id, lesions in runs.items():
         path = files.get(image_id)
         if path is None:
@@ -339,12 +447,19 @@ def import_siim(rle_csv: str | Path, images: str | Path, out: str | Path) -> Pat
             for rle in lesions:
                 merged |= decode_siim_rle(rle, shape)
             masks["pneumothorax"] = RLE_PREFIX + encode_siim_rle(merged)
+        patient = str(ds.get("PatientID", "") or "").strip()
+        stem_patients += not patient
+        labels: dict[str, int | None] = {"pneumothorax": int(bool(lesions))}
         rows.append(
             ManifestRow(
                 image=_relative(path, out.parent),
-                patient_id=str(ds.get("PatientID", "")) or image_id,
-                labels={"pneumothorax": int(bool(lesions))},
+                patient_id=patient or image_id,
+                labels=labels,
                 masks=masks,
+                # SIIM labels pneumothorax only: a negative image is not known to be normal.
+                no_finding=SourceLabels.of(labels, (), stated_normal=False).no_finding,
             )
         )
-    return write_manifest(out, rows, ["pneumothorax"])
+        paths.append(path)
+    _warn_stem_patients(stem_patients, rle_csv)
+    return _write_unique(out, rows, paths, ["pneumothorax"])

@@ -13,232 +13,43 @@ A checkpoint is written after every epoch and `resume` continues exactly where i
 shuffling and augmentation draw from generators seeded by (seed, member, stage, epoch, sample),
 so nothing random lives outside the checkpoint. Under `torchrun` each process trains on its
 share of every epoch through DistributedDataParallel; only rank 0 writes files.
+
+The pieces it drives: member_data.py (samples and stage plans), member_targets.py (classes and
+reconstruction targets), member_loss.py, member_records.py (checkpoint and metrics files) and
+distributed.py (processes and devices).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from scxnn_node.model.member import (
-    MEMBER_CLASSES,
-    NORMAL,
-    OTHERS,
-    TARGET,
-    MemberNet,
-    load_imagenet_encoder,
-)
-from training.augment import AugmentSpec, augment_pair
-from training.cache import CachedImage
+from scxnn_node.model.member import MemberNet, load_imagenet_encoder
 from training.config import TrainingConfig
-from training.dataset import ManifestEntry
+from training.distributed import DistInfo, data_parallel, resolve_device
+from training.member_data import MemberSamples, StagePlan
+from training.member_loss import class_weights_for, multitask_loss
+from training.member_records import load_checkpoint, save_checkpoint
+from training.run_layout import CHECKPOINT_FILE, RunError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("hard", "weak")
-CHECKPOINT_FILE = "checkpoint.pt"
-WEIGHTS_FILE = "member.safetensors"
-DONE_FILE = "done.json"
-METRICS_FILE = "metrics.csv"
-VAL_LOGITS_FILE = "val_logits.npy"
-METRIC_COLUMNS = (
-    "stage",
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_ce",
-    "train_mse",
-    "val_loss",
-    "val_ce",
-    "val_mse",
-    "val_accuracy",
-    "train_seconds",
-    "seconds",
-)
-
-
-class RunError(Exception):
-    """A run directory or checkpoint that does not fit the request; the message says why."""
 
 
 class TrainingInterrupted(Exception):
     """Raised when a run stops early on purpose (`stop_after_epochs`); the checkpoint holds it."""
-
-
-def member_class(entry: ManifestEntry, finding: str) -> int | None:
-    """The member's 3-class label: target if its finding is present, others if only other
-    findings (or a disease outside the catalogue) are, normal if none; None when unknown."""
-    own = entry.label(finding)
-    if own == 1:
-        return TARGET
-    if own is None:
-        return None
-    others = [v for f, v in entry.labels.items() if f != finding]
-    if entry.other_disease or any(v == 1 for v in others):
-        return OTHERS
-    if all(v == 0 for v in others):
-        return NORMAL
-    return None
-
-
-def dilate_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Binary dilation with a (2p+1)^2 elliptical kernel; p = 0 returns the mask as 0/1."""
-    binary = (np.asarray(mask) > 0).astype(np.uint8)
-    if pixels <= 0:
-        return binary
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pixels + 1, 2 * pixels + 1))
-    return cv2.dilate(binary, kernel)
-
-
-def reconstruction_target(
-    image: np.ndarray, mask: np.ndarray | None, dilation_px: int
-) -> np.ndarray:
-    """The image (0..1) inside the dilated mask, zeros elsewhere (all zeros without a mask)."""
-    out = np.zeros(image.shape, dtype=np.float32)
-    if mask is not None and mask.any():
-        region = dilate_mask(mask, dilation_px).astype(bool)
-        out[region] = image[region].astype(np.float32) / 255.0
-    return out
-
-
-def multitask_loss(
-    logits: torch.Tensor,
-    classes: torch.Tensor,
-    reconstruction: torch.Tensor | None,
-    target: torch.Tensor | None,
-    recon_weights: torch.Tensor | None,
-    class_weights: torch.Tensor | None,
-    recon_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, CE, MSE): the thesis's CE + lambda x MSE. The MSE averages over the samples
-    whose reconstruction target is known (`recon_weights` 1), zero when there are none."""
-    ce = F.cross_entropy(logits.float(), classes, weight=class_weights)
-    if reconstruction is None or target is None:
-        return ce, ce.detach(), torch.zeros((), device=ce.device)
-    per_sample = (reconstruction.float() - target).pow(2).flatten(1).mean(dim=1)
-    w = torch.ones_like(per_sample) if recon_weights is None else recon_weights.float()
-    mse = (per_sample * w).sum() / w.sum().clamp(min=1.0)
-    return ce + recon_weight * mse, ce.detach(), mse.detach()
-
-
-def class_weights_for(classes: np.ndarray) -> torch.Tensor:
-    """Inverse-frequency weights, normalised to mean 1; absent classes get weight 1."""
-    counts = np.bincount(classes, minlength=len(MEMBER_CLASSES)).astype(np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(counts), 1.0)
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class MemberItem:
-    cached: CachedImage
-    label: int  # member class
-
-
-_NO_TARGET = torch.empty(0)
-
-
-class MemberSamples(Dataset):
-    """(image uint8 (1,S,S), class, reconstruction target (1,S,S), has-target weight).
-
-    Without `with_recon` (the weak-label stage: decoder frozen) no mask is read and the target
-    is an empty tensor: nothing would use it.
-    """
-
-    def __init__(
-        self,
-        items: Sequence[MemberItem],
-        finding: str,
-        size: int,
-        dilation_px: int,
-        augment: AugmentSpec | None,
-        seed_parts: Sequence[int],
-        with_recon: bool = True,
-    ) -> None:
-        self.items = list(items)
-        self.finding = finding
-        self.size = size
-        self.dilation_px = dilation_px
-        self.with_recon = with_recon
-        self.augment = augment
-        self.seed_parts = list(seed_parts)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, float]:
-        item = self.items[index]
-        image = item.cached.load_image()
-        mask = item.cached.load_mask(self.finding, self.size) if self.with_recon else None
-        if self.augment is not None:
-            rng = np.random.default_rng([*self.seed_parts, self.epoch, index])
-            image, mask = augment_pair(image, mask, rng, self.augment)
-        if not self.with_recon:
-            return torch.from_numpy(np.ascontiguousarray(image))[None], item.label, _NO_TARGET, 0.0
-        target = reconstruction_target(image, mask, self.dilation_px)
-        known = item.label != TARGET or mask is not None
-        return (
-            torch.from_numpy(np.ascontiguousarray(image))[None],
-            item.label,
-            torch.from_numpy(target)[None],
-            1.0 if known else 0.0,
-        )
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def distributed_from_env() -> DistInfo:
-    """Rank and world size as torchrun sets them; a plain process is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(preference: str, dist_info: DistInfo) -> torch.device:
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(preference)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError(f"training.device {preference!r} but CUDA is not available")
-        if dist_info.distributed:
-            device = torch.device("cuda", dist_info.local_rank)
-    return device
 
 
 class _TrainingView(nn.Module):
@@ -253,22 +64,6 @@ class _TrainingView(nn.Module):
         if self.with_recon:
             return self.member.forward_multitask(x)
         return self.member(x), None
-
-
-@dataclass
-class StagePlan:
-    name: str
-    train: list[MemberItem]
-    val: list[MemberItem]
-    max_epochs: int
-    with_recon: bool
-    train_encoder: bool
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class MemberTrainer:
@@ -484,28 +279,9 @@ class MemberTrainer:
 
     def _save_checkpoint(self, state: dict[str, Any]) -> None:
         if self.dist.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(state, self.checkpoint_path)
-            self._write_metrics(state["history"])
+            save_checkpoint(self.dir, state)
         if self.dist.distributed:
             dist.barrier()
-
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        tmp = self.dir / (METRICS_FILE + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.dir / METRICS_FILE)
-
-    def _load_checkpoint(self) -> dict[str, Any]:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != self.config.fingerprint():
-            raise RunError(
-                f"{self.checkpoint_path}: written with another training config; resume needs "
-                "the same config (or start a new run directory)"
-            )
-        return state
 
     # -- the stages --------------------------------------------------------------------------
 
@@ -538,7 +314,7 @@ class MemberTrainer:
             "history": [],
         }
         if resume and self.checkpoint_path.exists():
-            state = self._load_checkpoint()
+            state = load_checkpoint(self.checkpoint_path, self.config.fingerprint())
             member.load_state_dict(state["model"])
             log.info(
                 "member %s: resuming at stage %s, epoch %d",
@@ -583,11 +359,7 @@ class MemberTrainer:
                 )
             labels = np.array([i.label for i in plan.train])
             weights = class_weights_for(labels).to(self.device) if self.tc.class_weighting else None
-            model: nn.Module = _TrainingView(member, plan.with_recon)
-            if self.dist.distributed:
-                model = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-                )
+            model = data_parallel(_TrainingView(member, plan.with_recon), self.device, self.dist)
             for epoch in range(start_epoch, plan.max_epochs):
                 started = time.monotonic()
                 row: dict[str, Any] = {"stage": plan.name, "epoch": epoch + 1}
@@ -644,70 +416,3 @@ class MemberTrainer:
         for p in member.parameters():
             p.requires_grad_(True)
         return member.to("cpu", memory_format=torch.contiguous_format)
-
-
-@torch.no_grad()
-def member_logits_on(
-    member: MemberNet, cached: Sequence[CachedImage], batch_size: int, device: torch.device
-) -> np.ndarray:
-    """(N, 3) logits of a trained member on cached preprocessed images."""
-    member = member.to(device).eval()
-    out = []
-    for start in range(0, len(cached), batch_size):
-        batch = np.stack([c.load_image() for c in cached[start : start + batch_size]])
-        x = torch.from_numpy(batch).unsqueeze(1).to(device).float() / 255.0
-        out.append(member(x).float().cpu().numpy())
-    member.to("cpu")
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 3), np.float32)
-
-
-def save_member(member: MemberNet, member_dir: Path, extra: dict[str, Any]) -> None:
-    """The trained member (with its decoder, for further training) and a done marker."""
-    member_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in member.state_dict().items()}
-    tmp = member_dir / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, member_dir / WEIGHTS_FILE)
-    (member_dir / DONE_FILE).write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-
-
-def build_plans(
-    config: TrainingConfig,
-    finding: str,
-    train: Sequence[ManifestEntry],
-    val: Sequence[ManifestEntry],
-    cached: dict[int, CachedImage],
-) -> list[StagePlan]:
-    """Stage 2 on hard-label training images, stage 3 on weak-label ones; both validate on the
-    validation split. Images whose member class is unknown are left out of this member."""
-
-    def items(
-        entries: Sequence[ManifestEntry], keep: Callable[[ManifestEntry], bool]
-    ) -> list[MemberItem]:
-        out = []
-        for e in entries:
-            label = member_class(e, finding)
-            if label is not None and keep(e):
-                out.append(MemberItem(cached[e.row], label))
-        return out
-
-    tc = config.training
-    val_items = items(val, lambda e: True)
-    return [
-        StagePlan(
-            "hard",
-            items(train, lambda e: e.label_kind == "hard"),
-            val_items,
-            tc.hard.max_epochs,
-            with_recon=True,
-            train_encoder=True,
-        ),
-        StagePlan(
-            "weak",
-            items(train, lambda e: e.label_kind == "weak"),
-            val_items,
-            tc.weak.max_epochs,
-            with_recon=False,
-            train_encoder=tc.weak.train_encoder,
-        ),
-    ]

@@ -6,7 +6,12 @@ Table 3: per risk tier, the abnormal images that show a finding of that tier, sp
          tier said target), others (called abnormal for another reason).
 Table 9: per disease outside the catalogue, each member's share of normal/target/others calls.
 Per finding: AUC of the member's target probability, sensitivity and specificity of its target
-call. Every proportion carries a 95 % Clopper-Pearson interval.
+call. Every proportion carries a 95 % Clopper-Pearson interval, Table 3's too (the share of
+each tier not called normal, and the share its own member named).
+
+Per study (`study_metrics`): the node's verdicts, as the node gives them, against each study's
+reference standard. A study the node did not analyse is not called normal: it goes to the
+radiologist like any other, so it counts as found when abnormal and as not spared when normal.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score
 
 from scxnn_node.findings import FindingCatalogue, RiskTier
-from scxnn_node.model.engine import softmax
-from scxnn_node.model.member import MEMBER_CLASSES, TARGET
+from scxnn_node.model.decision import softmax
+from scxnn_node.model.result import MEMBER_CLASSES, TARGET, Verdict
 
 
 def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> list[float] | None:
@@ -48,6 +53,18 @@ def safe_auc(truth: np.ndarray, score: np.ndarray) -> float | None:
     if len(np.unique(truth)) < 2:
         return None
     return float(roc_auc_score(truth, score))
+
+
+def tier_intervals(per_tier: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Table 3 as proportions with intervals: per tier, the share of its studies (or images)
+    not called normal (its sensitivity) and the share its own member called target."""
+    return {
+        tier: {
+            "sensitivity": proportion(c["n"] - c["normal"], c["n"]),
+            "target": proportion(c["target"], c["n"]),
+        }
+        for tier, c in per_tier.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ def triage_metrics(inputs: EvaluationInputs) -> dict[str, Any]:
                 counts["others"] += 1
         per_tier[tier.value] = counts
     out["per_tier"] = per_tier
+    out["per_tier_intervals"] = tier_intervals(per_tier)
 
     per_finding: dict[str, Any] = {}
     for m, finding in enumerate(inputs.findings):
@@ -155,3 +173,71 @@ def triage_metrics(inputs: EvaluationInputs) -> dict[str, Any]:
         }
     out["outside_catalogue"] = outside
     return out
+
+
+@dataclass(frozen=True)
+class StudyCall:
+    """One study: its reference standard (merged over its images) and the node's verdict."""
+
+    labels: dict[str, int | None]  # per finding: 1 if any image shows it, 0 if none does
+    abnormal: int | None  # 1, 0 or None (unknown)
+    verdict: Verdict
+    target_findings: frozenset[str]  # called target, or fired by the critical safety net
+
+
+def study_metrics(findings: FindingCatalogue, calls: Sequence[StudyCall]) -> dict[str, Any]:
+    """The study-level section of metrics.json: Table 2 and Table 3 on the node's verdicts."""
+    called_normal = np.array([c.verdict is Verdict.DEFINITE_NORMAL for c in calls], dtype=bool)
+    skipped = np.array([c.verdict is Verdict.NOT_ANALYSED for c in calls], dtype=bool)
+    flagged = ~called_normal & ~skipped
+    known = np.array([c.abnormal is not None for c in calls], dtype=bool)
+    truth = np.array([c.abnormal == 1 for c in calls], dtype=bool)
+    abnormal, normal = known & truth, known & ~truth
+
+    def count(mask: np.ndarray) -> int:
+        return int(mask.sum())
+
+    def by_reference(call: np.ndarray) -> dict[str, int]:
+        return {"normal": count(normal & call), "abnormal": count(abnormal & call)}
+
+    sens = proportion(count(abnormal & ~called_normal), count(abnormal))
+    spec = proportion(count(normal & called_normal), count(normal))
+    per_tier: dict[str, dict[str, int]] = {}
+    for tier in RiskTier:
+        names = [f.name for f in findings if f.tier == tier]
+        if not names:
+            continue
+        counts = {"n": 0, "normal": 0, "target": 0, "others": 0, "not_analysed": 0}
+        for c in calls:
+            present = [n for n in names if c.labels.get(n) == 1]
+            if not present:
+                continue
+            counts["n"] += 1
+            if c.verdict is Verdict.DEFINITE_NORMAL:
+                counts["normal"] += 1
+            elif c.verdict is Verdict.NOT_ANALYSED:
+                counts["not_analysed"] += 1
+            elif c.target_findings.intersection(present):
+                counts["target"] += 1
+            else:
+                counts["others"] += 1
+        per_tier[tier.value] = counts
+    return {
+        "level": "study",
+        "n_studies": len(calls),
+        "n_with_known_status": count(known),
+        "n_not_analysed": count(skipped),
+        "confusion": {  # rows are the node's verdict, columns the reference standard
+            "ai_normal": by_reference(called_normal),
+            "ai_abnormal": by_reference(flagged),
+            "not_analysed": by_reference(skipped),
+        },
+        "sensitivity": sens["value"],
+        "sensitivity_ci": sens["ci95"],
+        "specificity": spec["value"],
+        "specificity_ci": spec["ci95"],
+        "sensitivity_detail": sens,
+        "specificity_detail": spec,
+        "per_tier": per_tier,
+        "per_tier_intervals": tier_intervals(per_tier),
+    }

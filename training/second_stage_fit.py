@@ -10,7 +10,7 @@ from scipy.stats import beta, binom
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from scxnn_node.model.bundle import OperatingPoint
+from scxnn_node.model.manifest import OperatingPoint
 from scxnn_node.model.second_stage import SvmSecondStage
 
 log = logging.getLogger(__name__)

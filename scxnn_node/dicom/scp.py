@@ -19,8 +19,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from scxnn_node.config import NodeConfig, TlsSection
 from scxnn_node.imaging.selection import assess_eligibility
+from scxnn_node.logs import short_hash
 from scxnn_node.store.assembly import InstanceRecord, record_instance
-from scxnn_node.store.db import Database, short_hash
+from scxnn_node.store.db import Database
 from scxnn_node.store.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ from pydicom.valuerep import validate_value
 
 from scxnn_node import __version__
 from scxnn_node.findings import PRIVATE_SCHEME, SNOMED_SCHEME
-from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE
+from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE
 from scxnn_node.model.result import MemberCall, StudyResult, Verdict
+from scxnn_node.store.results import SrReference
 
 MANUFACTURER = "scxnn-node"
 # A fixed UID root for this node's device observer (derived once from the project name).
@@ -116,7 +117,7 @@ def build_triage_sr(
     finding_codes: dict[str, tuple[str, str, str]],
     series_instance_uid: str,
     sop_instance_uid: str,
-    predecessor: Dataset | None = None,
+    predecessor: SrReference | None = None,
     series_number: int = 9901,
 ) -> hd.sr.Comprehensive3DSR:
     """SR for an analysed study. `sources` are the analysed images' headers (pixel data not
@@ -188,7 +189,7 @@ def build_triage_sr(
             is_complete=True,
             is_final=False,
             is_verified=False,
-            previous_versions=[predecessor] if predecessor is not None else None,
+            previous_versions=[_previous_version(predecessor)] if predecessor else None,
             contributing_equipment=[equipment],
         )
     sr.SeriesDescription = series_description(result, demo)
@@ -197,6 +198,16 @@ def build_triage_sr(
         sr.SpecificCharacterSet = charset
     sr.CodingSchemeIdentificationSequence = [_private_scheme_identification()]
     return sr
+
+
+def _previous_version(reference: SrReference) -> Dataset:
+    """The attributes highdicom reads from a previous version to name it as a predecessor."""
+    ds = Dataset()
+    ds.StudyInstanceUID = reference.study_instance_uid
+    ds.SeriesInstanceUID = reference.series_instance_uid
+    ds.SOPClassUID = reference.sop_class_uid
+    ds.SOPInstanceUID = reference.sop_instance_uid
+    return ds
 
 
 def _private_scheme_identification() -> Dataset:

@@ -18,7 +18,7 @@ from scxnn_node.dicom.sr import (
     series_description,
     without_name_warnings,
 )
-from scxnn_node.model.bundle import NOT_FOR_CLINICAL_USE
+from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE
 from scxnn_node.model.result import StudyResult, Verdict
 
 WIDTH = 768

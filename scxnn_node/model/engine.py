@@ -1,63 +1,31 @@
-"""Batched inference: a bundle's members (encoder + head) and its second stage on one device.
+"""Batched inference: a bundle's members (encoder + head) on one device, from images to logits.
 
 The engine is loaded once and reused: members run over batches of preprocessed images in
 inference mode, channels_last, with bf16/fp16 autocast on CUDA and a choice of backend (eager,
-torch.compile). It turns the 13 x 3 logits of each image into
-a `StudyResult` with the bundle's operating point.
+torch.compile). What the 13 x 3 logits of a study mean (second stage, operating point, the
+`StudyResult`) is decided in model/decision.py, with numpy only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from scxnn_node.model.bundle import Bundle
+from scxnn_node.model.decision import abnormality_scores, not_analysed_result, result_from_logits
 from scxnn_node.model.fused import FusedMember
-from scxnn_node.model.member import MEMBER_CLASSES, OTHERS, TARGET, MemberNet
-from scxnn_node.model.result import (
-    UNSPECIFIED_TIER,
-    FindingResult,
-    MemberCall,
-    StudyResult,
-    Verdict,
-)
+from scxnn_node.model.member import MemberNet
+from scxnn_node.model.options import EngineOptions
+from scxnn_node.model.result import StudyResult
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# compile = torch.compile: minutes to start at 1024 px and measured no faster than eager on a
-# 2-core CPU; for GPUs. (TorchScript + oneDNN Graph fusion and ONNX Runtime were measured too:
-# no faster than the eager fused members here, so neither is offered.)
-BACKENDS = ("eager", "compile")
 # Peak activation memory of one image relative to its pixel count, measured for densenet121 in
 # inference mode (about 200 bytes per input pixel, with a margin).
 _ACTIVATION_BYTES_PER_PIXEL = {"densenet121": 320, "densenet_small": 64}
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    device: str = "cpu"
-    batch_size: int | None = None  # None: default_batch_size()
-    precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
-    channels_last: bool = True
-    fused: bool = True  # BN folded, no re-concatenation (model/fused.py); same outputs
-    backend: str = "eager"
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"EngineOptions.precision must be one of {PRECISIONS}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"EngineOptions.backend must be one of {BACKENDS}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError("EngineOptions.batch_size must be at least 1")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(
-                f"EngineOptions.device must be 'cpu' or 'cuda[:N]', got {self.device!r}"
-            )
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -89,6 +57,9 @@ def default_batch_size(device: torch.device, arch: str, size: int) -> int:
     return by_memory
 
 
+_PRECISION_NAME = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 class InferenceEngine:
     """Runs a bundle's ensemble on preprocessed uint8 images of the bundle's size."""
 
@@ -100,6 +71,17 @@ class InferenceEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {self.options.device} requested but CUDA is not available")
         self.autocast_dtype = self._autocast_dtype()
+        self.precision = _PRECISION_NAME[self.autocast_dtype]
+        if self.manifest.precision not in (None, self.precision):
+            # The thresholds' guarantee was measured on scores at the bundle's precision.
+            log.warning(
+                "bundle %s %s: its thresholds were set at %s precision; serving at %s moves the "
+                "scores, so the bundle's sensitivity guarantee is not measured for this engine",
+                self.manifest.name,
+                self.manifest.version,
+                self.manifest.precision,
+                self.precision,
+            )
         self.backend = self.options.backend
         size = self.manifest.preprocessing.size
         self.batch_size = self.options.batch_size or default_batch_size(
@@ -174,7 +156,7 @@ class InferenceEngine:
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Second-stage abnormality scores for (B, n_members, 3) logits."""
-        return self.bundle.second_stage.decision_function(logits.reshape(logits.shape[0], -1))
+        return abnormality_scores(self.bundle.second_stage, logits)
 
     def triage(
         self,
@@ -192,85 +174,3 @@ class InferenceEngine:
 
     def not_analysed_result(self, study_instance_uid: str, reason: str) -> StudyResult:
         return not_analysed_result(self.bundle, study_instance_uid, reason)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis (member classes), numerically stable."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def not_analysed_result(bundle: Bundle, study_instance_uid: str, reason: str) -> StudyResult:
-    return StudyResult(
-        study_instance_uid=study_instance_uid,
-        verdict=Verdict.NOT_ANALYSED,
-        reason=reason,
-        risk_tier=None,
-        abnormality_score=None,
-        threshold=None,
-        findings=(),
-        bundle=bundle.manifest.identity,
-    )
-
-
-def result_from_logits(
-    bundle: Bundle,
-    study_instance_uid: str,
-    logits: np.ndarray,
-    instance_uids: Sequence[str],
-    notes: Sequence[str] = (),
-) -> StudyResult:
-    """Combine per-image logits (B, n_members, 3) of one study into its result.
-
-    The study is as abnormal as its most abnormal image. Each finding reports the image where
-    its member is most confident of the target; its call is target if any image says target,
-    else others if any image says others, else normal.
-    """
-    manifest = bundle.manifest
-    probs = softmax(logits.astype(np.float64))
-    calls = probs.argmax(axis=-1)  # (B, n_members)
-    score = float(bundle.second_stage.decision_function(logits.reshape(len(logits), -1)).max())
-    threshold = float(manifest.operating_point.threshold)
-    findings = []
-    for m, finding in enumerate(manifest.findings):
-        best = int(probs[:, m, TARGET].argmax())
-        if (calls[:, m] == TARGET).any():
-            call = MemberCall.TARGET
-        elif (calls[:, m] == OTHERS).any():
-            call = MemberCall.OTHERS
-        else:
-            call = MemberCall.NORMAL
-        p = probs[best, m]
-        findings.append(
-            FindingResult(
-                name=finding.name,
-                tier=finding.tier,
-                call=call,
-                probabilities={c: float(p[i]) for i, c in enumerate(MEMBER_CLASSES)},
-            )
-        )
-    abnormal = score >= threshold
-    reason_parts = list(notes)
-    risk_tier: str | None = None
-    if abnormal:
-        tiers = [f.tier for f in findings if f.call is MemberCall.TARGET]
-        if tiers:
-            risk_tier = min(tiers, key=lambda t: t.rank).value
-        else:
-            risk_tier = UNSPECIFIED_TIER
-            if any(f.call is MemberCall.OTHERS for f in findings):
-                reason_parts.append("abnormal, unspecified: members see disease outside their own")
-            else:
-                reason_parts.append("abnormal, unspecified: no member names a finding")
-    return StudyResult(
-        study_instance_uid=study_instance_uid,
-        verdict=Verdict.ABNORMAL if abnormal else Verdict.DEFINITE_NORMAL,
-        reason="; ".join(reason_parts) or None,
-        risk_tier=risk_tier,
-        abnormality_score=score,
-        threshold=threshold,
-        findings=tuple(findings),
-        bundle=manifest.identity,
-        analysed_instances=tuple(instance_uids),
-    )

@@ -7,7 +7,6 @@ and runs encoder + head. Architectures are named data so a bundle can record whi
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,44 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-#: Class order of every member's head.
-MEMBER_CLASSES = ("normal", "target", "others")
-#: Index of each class in a member's logits.
-NORMAL, TARGET, OTHERS = range(len(MEMBER_CLASSES))
+# `X as X`: re-exported for training/, which imports these from here; they are defined
+# without torch in model/architectures.py and model/result.py.
+from scxnn_node.model.architectures import ARCHITECTURES as ARCHITECTURES
+from scxnn_node.model.architectures import ArchitectureSpec, architecture
+from scxnn_node.model.result import MEMBER_CLASSES as MEMBER_CLASSES
+from scxnn_node.model.result import NORMAL as NORMAL
+from scxnn_node.model.result import OTHERS as OTHERS
+from scxnn_node.model.result import TARGET as TARGET
 
 # Single-channel input statistics: ImageNet's mean/std averaged over RGB.
 _GRAY_MEAN = 0.449
 _GRAY_STD = 0.226
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """A DenseNet configuration and the decoder widths that go with it."""
-
-    name: str
-    growth_rate: int
-    block_config: tuple[int, int, int, int]
-    num_init_features: int
-    bn_size: int
-    decoder_channels: tuple[int, int, int, int, int]  # at strides 16, 8, 4, 2, 1
-
-
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    spec.name: spec
-    for spec in (
-        # The thesis's backbone (torchvision's densenet121 configuration).
-        ArchitectureSpec("densenet121", 32, (6, 12, 24, 16), 64, 4, (256, 128, 64, 32, 16)),
-        # Same design, a fraction of the width and depth: tests and CPU demos.
-        ArchitectureSpec("densenet_small", 8, (2, 3, 4, 3), 16, 2, (32, 24, 16, 8, 8)),
-    )
-}
-
-
-def architecture(name: str) -> ArchitectureSpec:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
 
 
 class DenseNetEncoder(nn.Module):

@@ -8,7 +8,11 @@ from enum import StrEnum
 from typing import Any
 
 from scxnn_node.findings import RiskTier
-from scxnn_node.model.member import MEMBER_CLASSES
+
+#: Class order of every member's head.
+MEMBER_CLASSES = ("normal", "target", "others")
+#: Index of each class in a member's logits.
+NORMAL, TARGET, OTHERS = range(len(MEMBER_CLASSES))
 
 #: risk_tier value for an abnormal study whose members name no finding of the catalogue.
 UNSPECIFIED_TIER = "unspecified"
@@ -78,6 +82,8 @@ class StudyResult:
     findings: tuple[FindingResult, ...]
     bundle: BundleIdentity
     analysed_instances: tuple[str, ...] = ()
+    # Critical findings whose safety-net rule fired (each makes the study abnormal).
+    safety_net_fired: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.verdict is Verdict.NOT_ANALYSED:
@@ -99,6 +105,8 @@ class StudyResult:
             )
         if self.verdict is not Verdict.ABNORMAL and self.risk_tier is not None:
             raise ValueError("StudyResult.risk_tier is only set for an abnormal verdict")
+        if self.safety_net_fired and self.verdict is not Verdict.ABNORMAL:
+            raise ValueError("StudyResult.safety_net_fired makes the verdict abnormal")
 
     @property
     def flagged_findings(self) -> list[FindingResult]:
@@ -119,4 +127,5 @@ class StudyResult:
             "threshold": None if self.threshold is None else round(self.threshold, 6),
             "findings": [f.to_dict() for f in self.findings],
             "bundle": self.bundle.to_dict(),
+            "safety_net_fired": list(self.safety_net_fired),
         }

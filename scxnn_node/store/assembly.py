@@ -1,4 +1,6 @@
-"""Study assembly: received instances are recorded; a study quiet for N seconds becomes a job."""
+"""Study assembly: received instances are recorded; a study quiet for N seconds becomes a job,
+and is reported when its job's result is stored; an instance a worker cannot use is marked
+unusable, and its study goes on without it."""
 
 from __future__ import annotations
 
@@ -6,10 +8,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Instance, Study
+from scxnn_node.store.models import Instance, InstanceState, Job, JobState, Study, StudyState
 from scxnn_node.store.queue import JobQueue
+
+# The state a study takes when its current input already has a job in this state.
+_STUDY_STATE_OF_JOB = {
+    JobState.READY: StudyState.QUEUED,
+    JobState.CLAIMED: StudyState.QUEUED,
+    JobState.DONE: StudyState.REPORTED,
+    JobState.FAILED: StudyState.FAILED,
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
                 path=record.path,
                 size=record.size,
                 calling_ae=record.calling_ae,
-                state="skipped" if record.skip_reason else "stored",
+                state=InstanceState.SKIPPED if record.skip_reason else InstanceState.STORED,
                 skip_reason=record.skip_reason,
                 received_at=now,
             )
@@ -50,13 +61,13 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
                 session.add(
                     Study(
                         study_instance_uid=record.study_instance_uid,
-                        state="receiving",
+                        state=StudyState.RECEIVING,
                         first_received_at=now,
                         last_received_at=now,
                     )
                 )
             else:
-                study.state = "receiving"  # a reported study gets an amended result
+                study.state = StudyState.RECEIVING  # a reported study gets an amended result
                 study.last_received_at = now
         return True
 
@@ -68,7 +79,9 @@ def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: st
     with db.session() as session:
         studies = (
             session.execute(
-                select(Study).where(Study.state == "receiving", Study.last_received_at <= cutoff)
+                select(Study).where(
+                    Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
+                )
             )
             .scalars()
             .all()
@@ -78,15 +91,52 @@ def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: st
                 session.execute(
                     select(Instance.sop_instance_uid).where(
                         Instance.study_instance_uid == study.study_instance_uid,
-                        Instance.state == "stored",
+                        Instance.state == InstanceState.STORED,
                     )
                 )
                 .scalars()
                 .all()
             )
-            if JobQueue.enqueue(session, study.study_instance_uid, list(uids), bundle_version):
+            job = JobQueue.enqueue(session, study.study_instance_uid, list(uids), bundle_version)
+            if job is not None:
                 queued += 1
-                study.state = "queued"
-            else:  # re-sent instances only: this exact input was already triaged
-                study.state = "reported"
+                study.state = StudyState.QUEUED
+            else:  # re-sent instances only: the study follows the job this input already has
+                study.state = _follow_existing_job(session, study.study_instance_uid, uids)
     return queued
+
+
+def _follow_existing_job(session: Session, study_instance_uid: str, uids: list[str]) -> str:
+    existing = session.execute(
+        select(Job)
+        .where(
+            Job.study_instance_uid == study_instance_uid,
+            Job.instance_set == JobQueue.instance_set(uids),
+        )
+        .order_by(Job.id.desc())
+        .limit(1)
+    ).scalar_one()
+    if existing.state == JobState.SUPERSEDED:  # its study's newer input shrank back to it
+        existing.state = JobState.READY
+        existing.attempts = 0
+        existing.next_attempt_at = None
+        return StudyState.QUEUED
+    return _STUDY_STATE_OF_JOB[JobState(existing.state)]
+
+
+def mark_study_reported(session: Session, study_instance_uid: str) -> None:
+    """Inside the transaction that stores a job's result: a queued study is now reported (one
+    that received a new instance meanwhile stays receiving and gets its amended result)."""
+    study = session.get(Study, study_instance_uid)
+    if study is not None and study.state == StudyState.QUEUED:
+        study.state = StudyState.REPORTED
+
+
+def mark_instances_unusable(session: Session, reasons: dict[str, str]) -> None:
+    """Instances (SOP UID -> why) a worker could not use: never analysed again, and left out
+    of their study's later jobs; inside the transaction that stores the job's result."""
+    for sop_instance_uid, reason in reasons.items():
+        instance = session.get(Instance, sop_instance_uid)
+        if instance is not None and instance.state == InstanceState.STORED:
+            instance.state = InstanceState.UNUSABLE
+            instance.skip_reason = reason[:2000]

@@ -1,31 +1,32 @@
-"""Database connection: SQLite in WAL mode by default, PostgreSQL by URL; schema version check."""
+"""Database connection: SQLite in WAL mode by default, PostgreSQL by URL; the schema made or
+checked at the revision the code expects (store/migrate.py upgrades an older one in place)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from scxnn_node.store.models import SCHEMA_VERSION, Base, Event, SchemaInfo
+from scxnn_node.logs import redact, redact_url
+from scxnn_node.store import migrate
+from scxnn_node.store.models import Base, Event
+
+# Any constant: PostgreSQL's advisory lock that serialises schema creation and upgrades of
+# nodes starting together on one database (SQLite's BEGIN IMMEDIATE already does).
+_SCHEMA_LOCK = 0x5C7A0001
 
 
 class SchemaMismatch(Exception):
-    """The database was made by another schema version."""
+    """The database's schema is not the revision this code uses."""
 
 
 def utc_now() -> datetime:
     """Naive UTC (SQLite stores no zone; every timestamp here is UTC)."""
     return datetime.now(UTC).replace(tzinfo=None)
-
-
-def short_hash(value: str) -> str:
-    """A UID as logs show it at INFO: 12 hex digits of its sha256, never the UID itself."""
-    return hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -56,33 +57,64 @@ class Database:
             if self.is_sqlite
             else {"pool_pre_ping": True}
         )
-        self.engine: Engine = create_engine(url, **kwargs)
+        # hide_parameters: a failed statement's message (logged, stored) quotes no UIDs.
+        self.engine: Engine = create_engine(url, hide_parameters=True, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def shown_url(self) -> str:
+        """The URL as messages show it: without its password."""
+        return redact_url(self.url)
+
+    @contextmanager
+    def _schema_transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                lock = text("SELECT pg_advisory_xact_lock(:key)")
+                connection.execute(lock, {"key": _SCHEMA_LOCK})
+            yield connection
+
     def create_schema(self) -> None:
-        """Create missing tables and record the schema version; refuse another version."""
-        Base.metadata.create_all(self.engine)
-        with self.session() as session:
-            info = session.get(SchemaInfo, 1)
-            if info is None:
-                session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-            elif info.version != SCHEMA_VERSION:
-                raise SchemaMismatch(
-                    f"database {self.url} has schema version {info.version}; this node uses "
-                    f"{SCHEMA_VERSION} (migrate or point database.url elsewhere)"
-                )
+        """A database without the node's tables gets them all, stamped with the current
+        revision; an existing one must already be at it (SchemaMismatch names the upgrade)."""
+        with self._schema_transaction() as connection:
+            revision = migrate.current_revision(connection)
+            if revision is None:
+                Base.metadata.create_all(connection)
+                migrate.stamp_head(connection)
+                return
+        self._require_head(revision)
 
     def check_schema(self) -> None:
-        with self.session() as session:
-            info = session.execute(select(SchemaInfo)).scalar_one_or_none()
-        if info is None or info.version != SCHEMA_VERSION:
-            found = None if info is None else info.version
+        """Refuse a database that is not at the revision this code uses."""
+        with self.engine.connect() as connection:
+            revision = migrate.current_revision(connection)
+        self._require_head(revision)
+
+    def _require_head(self, revision: str | None) -> None:
+        head = migrate.head_revision()
+        if revision != head:
             raise SchemaMismatch(
-                f"database {self.url} schema version {found}, expected {SCHEMA_VERSION}"
+                f"database {self.shown_url} has schema revision {revision}; this node uses "
+                f"{head}: back it up, then run `{migrate.UPGRADE_COMMAND}` (or point "
+                "database.url elsewhere)"
             )
+
+    def upgrade_schema(self) -> tuple[str | None, str]:
+        """Bring the schema to the current revision in place, in one transaction (a new
+        database is created); returns (revision before, revision after)."""
+        with self._schema_transaction() as connection:
+            if migrate.current_revision(connection) is None:
+                Base.metadata.create_all(connection)
+                migrate.stamp_head(connection)
+                return None, migrate.head_revision()
+            try:
+                return migrate.upgrade(connection)
+            except ValueError as exc:
+                raise SchemaMismatch(f"database {self.shown_url}: {exc}") from None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -98,10 +130,22 @@ class Database:
             session.close()
 
     def record_event(self, kind: str, message: str, subject: str = "", level: str = "INFO") -> None:
+        """An audit event; UIDs in the message are hashed, passwords hidden."""
         with self.session() as session:
+            message = redact(message)
             session.add(
                 Event(at=utc_now(), level=level, kind=kind, subject=subject, message=message)
             )
+
+    def checkpoint(self) -> None:
+        """SQLite: fold the write-ahead log into the database file and truncate it."""
+        if not self.is_sqlite:
+            return
+        raw = self.engine.raw_connection()  # outside any transaction: the driver autocommits
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,8 +1,10 @@
-"""Database tables: instances, studies, jobs, results, deliveries, events, schema version."""
+"""Database tables (instances, studies, jobs, results, deliveries, events, workers) and the state
+names their rows go through. A change here needs a migration (store/migrations/versions)."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     DateTime,
@@ -16,17 +18,48 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+
+# State names, defined once. StrEnum: a member equals (and is stored as) its string value.
+class InstanceState(StrEnum):
+    STORED = "stored"  # analysed when its study is quiet
+    SKIPPED = "skipped"  # recorded, never analysed (filters, eligibility)
+    UNUSABLE = "unusable"  # a worker could not use it (skip_reason says why); its study goes on
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    REPORTED = "reported"
+    FAILED = "failed"  # its job failed max_attempts times; a new instance or `jobs retry` revives
+
+
+# A study in one of these states waits for nothing: the cleaner may purge its files.
+FINISHED_STUDY_STATES = (StudyState.REPORTED, StudyState.FAILED)
+
+
+class JobState(StrEnum):
+    READY = "ready"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # a newer job of its study replaced it before it ran
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class OutputKind(StrEnum):
+    """What a delivery carries (config.yaml `destinations[].outputs` names these)."""
+
+    SR = "sr"
+    SUMMARY = "summary"
 
 
 class Base(DeclarativeBase):
     pass
-
-
-class SchemaInfo(Base):
-    __tablename__ = "schema_info"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
 
 
 class Instance(Base):
@@ -40,17 +73,17 @@ class Instance(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
     size: Mapped[int] = mapped_column(Integer, default=0)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
-    state: Mapped[str] = mapped_column(String(16))  # stored | skipped
+    state: Mapped[str] = mapped_column(String(16))  # InstanceState
     skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     received_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Study(Base):
-    """A study's assembly state: receiving until quiet, then queued, then reported."""
+    """A study's assembly state: receiving until quiet, then queued, then reported (or failed)."""
 
     __tablename__ = "studies"
     study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)  # receiving | queued | reported
+    state: Mapped[str] = mapped_column(String(16), index=True)  # StudyState
     first_received_at: Mapped[datetime] = mapped_column(DateTime)
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
 
@@ -70,8 +103,10 @@ class Job(Base):
     instance_set: Mapped[str] = mapped_column(String(64))  # sha256 of the sorted SOP UIDs
     instance_uids: Mapped[str] = mapped_column(Text)  # JSON list of those SOP UIDs
     bundle_version: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))  # ready | claimed | done | failed
+    state: Mapped[str] = mapped_column(String(16))  # JobState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Not claimed before this time: a failed attempt backs off (doubling) before the next one.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -80,7 +115,9 @@ class Job(Base):
 
 
 class Result(Base):
-    """The triage of a job, with the UIDs of the SR and summary image made from it."""
+    """The triage of a job, with the UIDs of the SR and summary image made from it (empty for
+    a study not analysed). The SR's identity is what an amended SR names as its predecessor, so
+    it lives here rather than only in an outbox file that retention purges."""
 
     __tablename__ = "results"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -90,14 +127,19 @@ class Result(Base):
     risk_tier: Mapped[str | None] = mapped_column(String(32), nullable=True)
     abnormality_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     result_json: Mapped[str] = mapped_column(Text)
+    sr_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    sr_sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
     sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    summary_series_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     summary_sop_instance_uid: Mapped[str] = mapped_column(String(64))
     predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Delivery(Base):
-    """One output file to one destination, retried with backoff until sent or dead."""
+    """One output file to one destination, retried with backoff until sent or dead. A pending
+    delivery is sent only by the dispatcher holding its lease, so nodes sharing a database never
+    send it at once; a dispatcher that stopped mid-send loses it when the lease expires."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -107,13 +149,31 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
     destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # sr | summary
+    kind: Mapped[str] = mapped_column(String(16))  # OutputKind
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
-    state: Mapped[str] = mapped_column(String(16))  # pending | sent | dead
+    state: Mapped[str] = mapped_column(String(16))  # DeliveryState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Worker(Base):
+    """A worker process's liveness, beaten while it runs, so that `status` (another process)
+    sees which workers are alive and what they hold."""
+
+    __tablename__ = "workers"
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)  # the jobs' lease_owner
+    host: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(32))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    beat_at: Mapped[datetime] = mapped_column(DateTime)
+    alive_until: Mapped[datetime] = mapped_column(DateTime, index=True)  # beat_at + 3 beats
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job it works on
 
 
 class Event(Base):

@@ -8,7 +8,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from scxnn_node.store.db import short_hash
+from scxnn_node.logs import short_hash
 
 
 def fsync_dir(path: Path) -> None:
@@ -20,7 +20,7 @@ def fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """Layout: instances/<study hash>/<sop uid>.dcm, rejected/, outbox/<result id>/, tmp/."""
+    """Layout: instances/<study hash>/<sop uid>.dcm, rejected/, outbox/<job>.<attempt>/, tmp/."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -32,8 +32,10 @@ class Spool:
         safe = "".join(c for c in sop_uid if c.isdigit() or c == ".") or short_hash(sop_uid)
         return f"instances/{short_hash(study_uid)}/{safe}.dcm"
 
-    def outbox_path(self, result_id: int, kind: str) -> str:
-        return f"outbox/{result_id}/{kind}.dcm"
+    def outbox_path(self, job_id: int, attempt: str, kind: str) -> str:
+        """An output's path, unique to the attempt that made it: a worker whose lease expired
+        never overwrites the files of the result another worker committed."""
+        return f"outbox/{job_id}.{attempt}/{kind}.dcm"
 
     def rejected_path(self) -> str:
         return f"rejected/{uuid.uuid4().hex}.dcm"

@@ -1,38 +1,13 @@
-"""Test support for the node: configs on free loopback ports, temp databases and spools."""
+"""dcmtk's storescu and storescp standing in for a PACS: the sender and the receiver the node
+meets in tests and benchmarks (real processes on loopback sockets, no mocks)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from scxnn_node.config import NodeConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def node_config(tmp: Path, **sections: Any) -> NodeConfig:
-    """A config whose state lives under `tmp`, listening on a free port."""
-    raw: dict[str, Any] = {
-        "node": {"ae_title": "SCXNN", "host": "127.0.0.1", "port": free_port()},
-        "allowed_callers": [{"ae_title": "PACS"}],
-        "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0},
-        "database": {"url": f"sqlite:///{tmp / 'node.db'}"},
-        "study": {"quiet_seconds": 0.5},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return NodeConfig.model_validate(raw)
-
+from scxnn_node.testing.loopback import free_port
 
 # storescu proposes what it is told; a PACS proposes each file's own transfer syntax.
 _PROPOSE = {
@@ -120,38 +95,3 @@ class Storescp:
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if p.is_file())
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Poll until predicate() is truthy; return its value or raise TimeoutError."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout} s")
-
-
-SAMPLE_DX = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples" / "nih_dx_no_finding.dcm"
-
-
-def sample_copies(directory: Path, count: int, per_study: int = 1) -> list[Path]:
-    """`count` copies of a real 1 MB chest DX, each a new instance, `per_study` per study."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    directory.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(SAMPLE_DX)
-    files = []
-    for i in range(count):
-        if i % per_study == 0:
-            template.StudyInstanceUID = generate_uid()
-        template.SOPInstanceUID = generate_uid()
-        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
-        path = directory / f"{i:05d}.dcm"
-        template.save_as(path)
-        files.append(path)
-    return files

@@ -1,0 +1,324 @@
+"""A real worker under faults, on a real SQLite file and a real PostgreSQL server: its lease
+expires or is taken while it works, its heartbeat meets a database error, it is asked to stop
+mid-study, it is offered another bundle's job or a study with an instance it cannot use."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+
+import pydicom
+import pytest
+from dicom_factory import chest_pixels, make_dataset
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from scxnn_node.status import node_status
+from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
+from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.models import Delivery, Instance, Job, Result, Study
+from scxnn_node.store.queue import JobQueue
+from scxnn_node.store.spool import Spool
+from scxnn_node.testing.loopback import free_port, node_config, wait_for
+from scxnn_node.worker import TriageWorker, stop_on_signals
+
+
+@pytest.fixture
+def make_config(tmp_path, small_bundle_dir, database_url):
+    """The node's config, with `worker` settings of the test's choosing."""
+
+    def make(**worker):
+        return node_config(
+            tmp_path,
+            database={"url": database_url},
+            model={"bundle": str(small_bundle_dir)},
+            destinations=[
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
+            ],
+            worker={"lease_seconds": 60, "heartbeat_seconds": 0.2, "max_attempts": 2, **worker},
+        )
+
+    return make
+
+
+@pytest.fixture
+def config(make_config):
+    return make_config()
+
+
+@pytest.fixture
+def db(config):
+    database = Database(config.database.url)
+    database.create_schema()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def spool(config) -> Spool:
+    return Spool(config.storage.spool_dir)
+
+
+def _receive(db: Database, spool: Spool, ds: Dataset) -> str:
+    """An instance as the SCP leaves it: its spool file and its committed row."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    study = str(ds.StudyInstanceUID)
+    rel = spool.instance_path(study, ds.SOPInstanceUID)
+    spool.write_durably(rel, buffer.getvalue())
+    series = str(ds.get("SeriesInstanceUID", ""))
+    record = InstanceRecord(ds.SOPInstanceUID, study, series, ds.SOPClassUID, rel, 1, "PACS")
+    assert record_instance(db, record)
+    return ds.SOPInstanceUID
+
+
+def _chest(study: str, seed: int) -> Dataset:
+    return make_dataset(chest_pixels(96, seed=seed, bits=12), study_uid=study)
+
+
+def _queued_study(db: Database, spool: Spool, seed: int = 1) -> str:
+    study = pydicom.uid.generate_uid()
+    _receive(db, spool, _chest(study, seed))
+    assert enqueue_quiet_studies(db, 0, "1.2.3") == 1
+    return study
+
+
+def _outbox_files(spool: Spool) -> set[str]:
+    outbox = spool.absolute("outbox")
+    return {str(p.relative_to(spool.root)) for p in outbox.rglob("*") if p.is_file()}
+
+
+def _expire_and_recover(db: Database, job_id: int) -> None:
+    """The lease runs out and the scheduler's recovery gives the job back to the queue."""
+    with db.session() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utc_now() - timedelta(seconds=1))
+        )
+    assert JobQueue(db, "scheduler").recover_expired_leases() == 1
+
+
+class _OvertakenWorker(TriageWorker):
+    """Its lease expires while it triages; another worker takes the job and finishes it."""
+
+    rescuer: TriageWorker
+
+    def _triage(self, job):
+        outcome = super()._triage(job)
+        _expire_and_recover(self.db, job.id)
+        assert self.rescuer.process_next()
+        return outcome
+
+
+def test_a_stale_worker_leaves_the_committed_outputs_alone(config, db, spool):
+    _queued_study(db, spool)
+    stale = _OvertakenWorker(config, "cpu")
+    stale.rescuer = TriageWorker(config, "cpu", bundle=stale.bundle)
+    assert stale.process_next()
+    with db.session() as s:
+        result = s.execute(select(Result)).scalar_one()
+        deliveries = s.execute(select(Delivery)).scalars().all()
+        job = s.execute(select(Job)).scalar_one()
+    assert (job.state, job.attempts) == ("done", 2)
+    assert {d.kind for d in deliveries} == {"sr", "summary"}
+    for delivery in deliveries:
+        held = pydicom.dcmread(spool.absolute(delivery.path), stop_before_pixels=True)
+        named = (
+            result.sr_sop_instance_uid if delivery.kind == "sr" else result.summary_sop_instance_uid
+        )
+        assert held.SOPInstanceUID == named, delivery.kind  # the PACS gets what the DB names
+    # The stale worker made nothing: every outbox file is one a delivery names.
+    assert _outbox_files(spool) == {d.path for d in deliveries}
+
+
+def test_a_worker_takes_only_jobs_of_the_bundle_it_serves(config, db, spool):
+    study = pydicom.uid.generate_uid()
+    _receive(db, spool, _chest(study, 1))
+    assert enqueue_quiet_studies(db, 0, "2.0.0") == 1
+    worker = TriageWorker(config, "cpu")
+    assert worker.manifest.version == "1.2.3"
+    assert not worker.process_next()
+    with db.session() as s:
+        job = s.execute(select(Job)).scalar_one()
+        assert (job.state, job.attempts, job.lease_owner) == ("ready", 0, None)
+
+
+def test_an_instance_the_worker_cannot_use_does_not_poison_its_study(config, db, spool):
+    study = pydicom.uid.generate_uid()
+    good = _receive(db, spool, _chest(study, 1))
+    no_series = _chest(study, 2)
+    del no_series.SeriesInstanceUID
+    no_series_uid = _receive(db, spool, no_series)
+    odd = _chest(study, 3)
+    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.5a"
+    odd_uid = _receive(db, spool, odd)
+    assert enqueue_quiet_studies(db, 0, "1.2.3") == 1
+    assert TriageWorker(config, "cpu").process_next()
+    with db.session() as s:
+        job = s.execute(select(Job)).scalar_one()
+        result = s.execute(select(Result)).scalar_one()
+        instances = {i.sop_instance_uid: i for i in s.execute(select(Instance)).scalars()}
+        assert s.get(Study, study).state == "reported"
+    assert (job.state, job.attempts) == ("done", 1)
+    assert result.verdict != "not_analysed" and result.sr_sop_instance_uid
+    assert instances[good].state == "stored"
+    assert instances[no_series_uid].state == "unusable"
+    assert "Series Instance UID" in instances[no_series_uid].skip_reason
+    assert instances[odd_uid].state == "unusable"
+    assert "SOP Instance UID" in instances[odd_uid].skip_reason
+    sr = pydicom.dcmread(
+        spool.absolute(
+            next(p for p in _outbox_files(spool) if p.endswith("sr.dcm"))
+        )
+    )
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    referenced = {r.ReferencedSOPInstanceUID for s in evidence for r in s.ReferencedSOPSequence}
+    assert referenced == {good}
+
+
+def test_a_study_of_unusable_instances_ends_not_analysed_with_the_reason(config, db, spool):
+    study = pydicom.uid.generate_uid()
+    no_series = _chest(study, 2)
+    del no_series.SeriesInstanceUID
+    uid = _receive(db, spool, no_series)
+    assert enqueue_quiet_studies(db, 0, "1.2.3") == 1
+    assert TriageWorker(config, "cpu").process_next()
+    with db.session() as s:
+        result = s.execute(select(Result)).scalar_one()
+        assert s.get(Instance, uid).state == "unusable"
+        assert s.get(Study, study).state == "reported"
+        assert s.execute(select(Job)).scalar_one().state == "done"
+    assert result.verdict == "not_analysed"
+    assert "Series Instance UID" in result.result_json
+    report = node_status(db)
+    assert report["oldest_waiting_study"] is None
+    assert any("Series Instance UID" in r["reason"] for r in report["not_analysed"])
+
+
+class _BrokenWorker(TriageWorker):
+    def _triage(self, job):
+        raise RuntimeError("cannot read the study")
+
+
+def test_a_failing_job_backs_off_then_its_study_ends_failed(make_config, db, spool):
+    config = make_config(retry_backoff_seconds=0.3)
+    study = _queued_study(db, spool)
+    worker = _BrokenWorker(config, "cpu")
+    assert worker.process_next()
+    with db.session() as s:
+        job = s.execute(select(Job)).scalar_one()
+    assert (job.state, job.next_attempt_at - job.updated_at) == ("ready", timedelta(seconds=0.3))
+    assert not worker.process_next()  # backing off
+    wait_for(worker.process_next, 10, interval=0.05)
+    with db.session() as s:
+        assert s.execute(select(Job)).scalar_one().state == "failed"  # max_attempts 2
+        assert s.get(Study, study).state == "failed"
+    assert node_status(db)["oldest_waiting_study"] is None
+
+
+class _SlowWorker(TriageWorker):
+    """Triage that outlasts the lease several times over; heartbeats must keep it."""
+
+    seconds = 3.0
+
+    def _triage(self, job):
+        time.sleep(self.seconds)
+        return super()._triage(job)
+
+
+def _recovering(db: Database, done: threading.Event) -> threading.Thread:
+    """The scheduler's lease recovery, run often while the worker works."""
+
+    def loop() -> None:
+        queue = JobQueue(db, "scheduler")
+        while not done.wait(0.1):
+            queue.recover_expired_leases()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_heartbeat_survives_a_database_error(make_config, db, spool):
+    config = make_config(lease_seconds=1.0)
+    _queued_study(db, spool)
+    worker = _SlowWorker(config, "cpu")
+    real_heartbeat = worker.queue.heartbeat
+    calls = []
+
+    def heartbeat_failing_once(job_id: int) -> bool:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection"))
+        return real_heartbeat(job_id)
+
+    worker.queue.heartbeat = heartbeat_failing_once
+    done = threading.Event()
+    recovery = _recovering(db, done)
+    try:
+        assert worker.process_next()
+    finally:
+        done.set()
+        recovery.join()
+    assert len(calls) > 2  # it went on beating after the error
+    with db.session() as s:
+        job = s.execute(select(Job)).scalar_one()
+        assert (job.state, job.attempts) == ("done", 1)  # never lost, never run twice
+        assert len(s.execute(select(Result)).scalars().all()) == 1
+
+
+def test_a_worker_whose_lease_is_gone_abandons_its_job(config, db, spool):
+    _queued_study(db, spool)
+    worker = _SlowWorker(config, "cpu")
+    worker.seconds = 1.5
+
+    def take_over() -> None:
+        time.sleep(0.5)
+        with db.session() as s:
+            s.execute(update(Job).values(lease_owner="other-worker"))
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    assert worker.process_next()
+    thief.join()
+    with db.session() as s:
+        assert s.execute(select(Result)).scalars().all() == []
+        job = s.execute(select(Job)).scalar_one()
+        assert (job.state, job.lease_owner) == ("claimed", "other-worker")
+    assert _outbox_files(spool) == set()  # nothing written for the PACS
+
+
+class _StoppedMidStudyWorker(TriageWorker):
+    """Receives SIGTERM (a graceful stop of the node) while it triages."""
+
+    def _triage(self, job):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super()._triage(job)
+
+
+def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(
+    config, db, spool
+):
+    study = _queued_study(db, spool)
+    worker = _StoppedMidStudyWorker(config, "cpu")
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_on_signals(stop)
+    try:
+        worker.run(stop)  # returns: the signal stopped it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    with db.session() as s:
+        job = s.execute(select(Job)).scalar_one()
+        assert (job.state, job.attempts, job.lease_owner) == ("ready", 0, None)
+        assert job.next_attempt_at is None  # due at once for the next worker
+        assert s.execute(select(Result)).scalars().all() == []
+        assert s.get(Study, study).state == "queued"
+    assert _outbox_files(spool) == set()
