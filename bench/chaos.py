@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.model.bundle import write_bundle
-from scxnn_node.testing.harness import FAULTS, Audit, ChaosPlan, ChaosRun
+from scxnn_node.testing.audit import Audit
+from scxnn_node.testing.chaos import FAULTS, ChaosPlan, ChaosRun
 from training.untrained import untrained_parts
 
 FINDINGS = ("pneumothorax", "nodule", "cardiomegaly")

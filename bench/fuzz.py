@@ -34,24 +34,16 @@ from pydicom.uid import generate_uid
 # training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scxnn_node.testing.harness import (
+from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
+from scxnn_node.testing.datasets import Edit, chest_dataset, mutate_file, sample_files, write_part10
+from scxnn_node.testing.node_process import NodeProcess, bundle_version, serve_config
+from scxnn_node.testing.peers import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    Auditor,
-    Edit,
     LoopbackPacs,
-    NodeDatabase,
-    NodeProcess,
     Sent,
-    bundle_version,
-    chest_dataset,
     echo,
-    mutate_file,
-    sample_files,
-    serve_config,
     store_files,
-    wait_settled,
-    write_part10,
 )
 from training.untrained import untrained_bundle
 

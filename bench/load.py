@@ -29,20 +29,10 @@ from pydicom.uid import generate_uid
 # training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scxnn_node.testing.harness import (
-    Auditor,
-    LoopbackPacs,
-    MemoryPeak,
-    NodeDatabase,
-    NodeProcess,
-    Sent,
-    bundle_version,
-    chest_dataset,
-    serve_config,
-    store_files,
-    wait_settled,
-    write_part10,
-)
+from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
+from scxnn_node.testing.datasets import chest_dataset, write_part10
+from scxnn_node.testing.node_process import MemoryPeak, NodeProcess, bundle_version, serve_config
+from scxnn_node.testing.peers import LoopbackPacs, Sent, store_files
 from training.untrained import untrained_bundle
 
 

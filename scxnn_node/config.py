@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, SelectionPolicy
 from scxnn_node.model.options import check_backend, check_device, check_precision
@@ -52,8 +60,24 @@ class TlsSection(_Section):
     enabled: bool = False
     certificate: Path | None = None
     key: Path | None = None
+    # Outbound: the peer must chain to this CA alone (pinned; without it, to a system CA).
+    # Inbound: a client certificate, when presented, must chain to it.
     ca: Path | None = None
     require_client_certificate: bool = False
+    check_hostname: bool = True  # outbound: the peer's certificate must name the host dialled
+
+    @model_validator(mode="after")
+    def _trust_is_pinned(self) -> TlsSection:
+        if not self.check_hostname and self.ca is None:
+            raise ValueError(
+                "check_hostname: false needs ca: without a name check only a pinned CA limits "
+                "who may answer"
+            )
+        if self.require_client_certificate and self.ca is None:
+            raise ValueError(
+                "require_client_certificate needs ca (the CA that issues the callers' certificates)"
+            )
+        return self
 
 
 class NodeSection(_Section):
@@ -64,17 +88,24 @@ class NodeSection(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    check_called_ae: bool = True  # an association must call ae_title (as dcmtk and Orthanc do)
     tls: TlsSection = Field(default_factory=TlsSection)
 
 
 class AllowedCaller(_Section):
     ae_title: AeTitle
     host: str | None = None  # when set, the association must come from this address
+    # When set, the caller must present a TLS client certificate (verified against node.tls.ca)
+    # whose subject common name is this: the certificate is tied to the AE title.
+    certificate_cn: str | None = None
 
 
 class StorageSection(_Section):
     spool_dir: Path = Path("var/spool")
     min_free_bytes: int = Field(default=1 << 30, ge=0)  # below this C-STORE answers 0xA700
+    max_instance_bytes: int = Field(default=512 << 20, ge=1)  # above this C-STORE answers 0xC000
+    rejected_retention_days: float = Field(default=30.0, gt=0)  # rejected/ files then deleted
+    rejected_max_bytes: int = Field(default=1 << 30, ge=0)  # rejected/ beyond this: oldest go
     retention_days: float = Field(default=7.0, gt=0)
     # A finished study's files are kept this long after its last instance (None: retention_days).
     amendment_window_days: float | None = Field(default=None, gt=0)
@@ -156,6 +187,17 @@ class NodeConfig(_Section):
     worker: WorkerSection = Field(default_factory=WorkerSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _certificates_can_be_checked(self) -> NodeConfig:
+        tls = self.node.tls
+        for index, caller in enumerate(self.allowed_callers or []):
+            if caller.certificate_cn is not None and not (tls.enabled and tls.ca is not None):
+                raise ValueError(
+                    f"allowed_callers[{index}].certificate_cn needs node.tls.enabled and "
+                    "node.tls.ca"
+                )
+        return self
 
     @field_validator("destinations")
     @classmethod

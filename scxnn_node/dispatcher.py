@@ -65,9 +65,11 @@ class Dispatcher:
             statuses = send_files(
                 peer, self.config.node.ae_title, [self.spool.absolute(d.path) for d in items]
             )
-            error = "association failed" if all(s is None for s in statuses) else None
-        except Exception as exc:  # an unreachable peer must not stop the other ones
-            statuses, error = [None] * len(items), f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # e.g. an unreadable file: it must not fail the others
+            if len(items) > 1:
+                return [attempt for d in items for attempt in self._send(destination, [d])]
+            return [Attempt(items[0].id, f"{type(exc).__name__}: {exc}")]
+        error = "association failed" if all(s is None for s in statuses) else None
         return [
             Attempt(d.id, _failure(status, error))
             for d, status in zip(items, statuses, strict=True)

@@ -110,3 +110,5 @@ def configure_logging(level: str = "INFO", json_format: bool = False) -> None:
     # A task still running at its next interval is skipped and retried: not worth a warning.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))  # logs UIDs
+    # Alembic names its dialect at INFO each time the node reads the schema revision.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -175,7 +175,12 @@ class TriageWorker:
         alive.start()
         try:
             while not stop.is_set():
-                if not self.process_next():
+                try:
+                    worked = self.process_next()
+                except Exception:  # the database, most likely: try again after a poll
+                    log.exception("worker %s: could not claim a job", self.owner)
+                    worked = False
+                if not worked:
                     stop.wait(self.config.worker.poll_seconds)
         finally:
             finished.set()

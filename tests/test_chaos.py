@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scxnn_node.model.bundle import write_bundle
-from scxnn_node.testing.harness import ChaosPlan, ChaosRun
+from scxnn_node.testing.chaos import ChaosPlan, ChaosRun
 from training.untrained import untrained_parts
 
 FAULT_ORDER = ("pacs_down", "pause_mid_job", "kill_serve", "kill_helper", "switch_bundle")

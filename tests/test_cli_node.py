@@ -82,6 +82,9 @@ def test_status_jobs_and_deliveries(tmp_path):
     db = Database(config.database.url)
     db.create_schema()
     _seed_failures(db)
+    outbox = config.storage.spool_dir / "outbox" / "1"  # retry checks the file is still there
+    outbox.mkdir(parents=True)
+    (outbox / "sr.dcm").write_bytes(b"DICM")
     status = _cli(path, "status", "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)

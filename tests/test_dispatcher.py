@@ -150,6 +150,24 @@ def test_a_missing_outbox_file_fails_only_its_own_delivery(tmp_path, database_ur
         db.dispose()
 
 
+def test_an_unreadable_outbox_file_fails_only_its_own_delivery(tmp_path, database_url, pacs):
+    config = _config(tmp_path, database_url, pacs.port)
+    db = Database(database_url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    try:
+        broken, kept = _seed(db, spool, {"pacs": 1}, files=2)
+        spool.write_durably(broken, b"not DICOM")
+        assert Dispatcher(config, db, spool).deliver_due() == 1
+        rows = {d.path: d for d in _deliveries(db).values()}
+        assert rows[kept].state == "sent"
+        assert rows[broken].state == "pending" and rows[broken].attempts == 1  # backs off
+        assert "InvalidDicomError" in rows[broken].last_error
+        assert len(pacs.received()) == 1
+    finally:
+        db.dispose()
+
+
 def test_retention_keeps_an_output_a_pending_delivery_needs(tmp_path, database_url, pacs):
     config = _config(tmp_path, database_url, pacs.port)
     db = Database(database_url)

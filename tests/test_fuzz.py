@@ -22,24 +22,16 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from scxnn_node.testing.harness import (
+from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
+from scxnn_node.testing.datasets import Edit, chest_dataset, mutate_file, sample_files, write_part10
+from scxnn_node.testing.node_process import NodeProcess, bundle_version, serve_config
+from scxnn_node.testing.peers import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    Auditor,
-    Edit,
     LoopbackPacs,
-    NodeDatabase,
-    NodeProcess,
     Sent,
-    bundle_version,
-    chest_dataset,
     echo,
-    mutate_file,
-    sample_files,
-    serve_config,
     store_files,
-    wait_settled,
-    write_part10,
 )
 
 FUZZ = settings(

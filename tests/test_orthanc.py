@@ -17,13 +17,10 @@ from typing import Any
 
 import pytest
 
-from scxnn_node.testing.harness import (
-    NodeProcess,
-    free_port,
-    sample_files,
-    serve_config,
-    wait_until,
-)
+from scxnn_node.store.models import DeliveryState
+from scxnn_node.testing.datasets import sample_files
+from scxnn_node.testing.node_process import NodeProcess, serve_config
+from scxnn_node.testing.peers import free_port, wait_until
 
 ORTHANC_AE = "ORTHANC"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -150,4 +147,4 @@ def test_orthanc_forwards_a_study_and_gets_sr_and_summary_into_it(orthanc_and_no
     series = orthanc.get(f"/dicom-web/studies/{study_uid}/series")
     modalities = sorted(s["00080060"]["Value"][0] for s in series)
     assert modalities == ["DX", "OT", "SR"]
-    assert node.status()["deliveries"] == {"sent": 2}  # and the node knows it delivered both
+    assert node.status()["deliveries"] == {DeliveryState.SENT: 2}  # the node knows it sent both

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 import subprocess
+import sys
+import uuid
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -22,8 +26,10 @@ from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance, Study
 from scxnn_node.store.spool import Spool
+from scxnn_node.testing.datasets import chest_dataset, write_part10
 from scxnn_node.testing.dcmtk import storescu as run_storescu
 from scxnn_node.testing.loopback import node_config
+from scxnn_node.testing.peers import Sent, store_files
 
 
 def _start(tmp_path, url):
@@ -232,3 +238,157 @@ def test_max_associations_enforced(tmp_path):
 
 def test_dcmtk_tools_present():
     assert shutil.which("storescu") and shutil.which("echoscu")
+
+
+# --- integrity under hostile input (issue 9) ----------------------------------------------
+
+
+def _store(config, tmp_path, datasets, aet: str = "PACS") -> list[Sent]:
+    """C-STORE datasets as they are (odd or over-long UIDs included) over one association."""
+    files = [
+        write_part10(ds, tmp_path / "sent" / f"{uuid.uuid4().hex}.dcm") for ds in datasets
+    ]
+    return store_files(config.node.port, files, aet=aet, aec=config.node.ae_title)
+
+
+def test_a_file_holding_another_instance_is_not_taken_for_this_one(node, tmp_path):
+    config, db, spool = node
+    ds = chest_dataset(seed=1)
+    rel = spool.instance_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    # Whatever lies at the instance's name (a stale file, a name shared with another UID)
+    # is reused only if it holds this very instance.
+    other = chest_dataset(study_uid=ds.StudyInstanceUID, seed=2)
+    spool.write_durably(rel, write_part10(other, tmp_path / "other.dcm").read_bytes())
+    (sent,) = _store(config, tmp_path, [ds])
+    assert sent.status == 0x0000
+    (row,) = _instances(db)
+    held = pydicom.dcmread(spool.absolute(row.path))
+    assert held.SOPInstanceUID == ds.SOPInstanceUID
+    assert held.PixelData == ds.PixelData
+
+
+OVER_LONG = "1.2." + "3" * 76  # 80 characters: too long for any UID column (PostgreSQL refuses)
+
+
+@pytest.mark.parametrize(
+    "uids",
+    [
+        {"sop_uid": ("1.2." + "1234567890" * 30)[:300]},  # ENAMETOOLONG on the old spool
+        {"sop_uid": OVER_LONG},
+        {"study_uid": OVER_LONG},
+        {"series_uid": OVER_LONG},
+        {"sop_uid": "1.2.3.4.5a"},
+        {"sop_uid": "1.2.3.4.5."},
+        {"study_uid": "1.2..3"},
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1." + "1" * 40},  # the command's is fine
+    ],
+    ids=["sop300", "sop80", "study80", "series80", "letter", "trailing-dot", "empty-part", "class"],
+)
+def test_invalid_uids_answer_cannot_understand_at_once(node, tmp_path, uids):
+    """Input that fails the same way every time is refused (0xC000), never 0xA700 (the sender
+    would retry forever); it is kept in rejected/ and leaves no temp file behind."""
+    config, db, spool = node
+    (sent,) = _store(config, tmp_path, [chest_dataset(**uids)])
+    assert sent.status == 0xC000
+    assert _instances(db) == []
+    assert len(list((spool.root / "rejected").iterdir())) == 1
+    assert list((spool.root / "tmp").iterdir()) == []
+    (good,) = _store(config, tmp_path, [chest_dataset()])
+    assert good.status == 0x0000  # still serving
+
+
+def test_uids_with_leading_zero_components_are_accepted(node, tmp_path):
+    """Decided leniency: a leading zero in a component breaks PS3.5 9.1 but is seen in the
+    field and is harmless to storage; every other rule is enforced."""
+    config, db, _ = node
+    (sent,) = _store(config, tmp_path, [chest_dataset(sop_uid="1.2.03.4", study_uid="1.2.05")])
+    assert sent.status == 0x0000
+    assert [r.sop_instance_uid for r in _instances(db)] == ["1.2.03.4"]
+
+
+def _with_dataset_uid(ds, sop_uid: str, path: Path) -> Path:
+    """A Part 10 file whose dataset carries `sop_uid` while its meta (and so the C-STORE
+    command) carries a conformant stand-in: only the node's own reading meets the odd UID."""
+    write_part10(ds, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = pydicom.dcmread(path)
+        saved.SOPInstanceUID = sop_uid
+        saved.save_as(path)
+    return path
+
+
+def test_nothing_logged_at_info_or_above_names_a_uid(sqlite_node, tmp_path, caplog):
+    """What this process logs while it receives (the sender runs in another process) names
+    no UID at INFO or above. The command carries conformant stand-ins: pynetdicom logs the
+    command's UIDs through the pydicom and pynetdicom loggers, which the log filter (logs.py)
+    answers for."""
+    config, _, _ = sqlite_node
+    sop_long = ("1.2." + "1234567890" * 30)[:300]
+    study, odd, zero = "1.2.3.44444.5555", "1.2.3.77777.8888a", "1.2.3.66666.0999.1"
+    files = [
+        _with_dataset_uid(chest_dataset(study_uid=study), uid, tmp_path / f"{i}.dcm")
+        for i, uid in enumerate([sop_long, odd, zero, zero])  # the last one is a duplicate
+    ]
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    sender = (
+        "import sys; from pathlib import Path; "
+        "from scxnn_node.testing.peers import store_files; "
+        "print([s.status for s in store_files(int(sys.argv[1]), [Path(a) for a in sys.argv[2:]])])"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", sender, str(config.node.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.stdout.strip() == str([0xC000, 0xC000, 0x0000, 0x0000]), run.stderr
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO and not r.name.startswith("pynetdicom")
+    ]
+    assert any("stored" in m for m in logged)  # the SCP does log what it did, UIDs hashed
+    for uid in (sop_long, study, odd, zero):
+        assert not [m for m in logged if uid[:16] in m], uid
+
+
+def test_wrong_called_ae_title_is_refused(node):
+    config, db, _ = node
+    run = run_storescu(config.node.port, DATA / "siim_cr_negative.dcm", aet="PACS", aec="OTHER")
+    assert run.returncode != 0
+    assert "called ae title not recognized" in (run.stdout + run.stderr).lower()
+    assert _instances(db) == []
+
+
+def test_called_ae_title_check_can_be_turned_off(tmp_path):
+    config = node_config(tmp_path, node={"check_called_ae": False})
+    db = Database(config.database.url)
+    db.create_schema()
+    scp = StoreScp(config, IngestService(config, db, Spool(config.storage.spool_dir)))
+    scp.start()
+    try:
+        run = run_storescu(config.node.port, DATA / "siim_cr_negative.dcm", aec="ANYNAME")
+        assert run.returncode == 0, run.stderr
+        assert len(_instances(db)) == 1
+    finally:
+        scp.shutdown()
+        db.dispose()
+
+
+def test_instance_above_the_size_limit_answers_cannot_understand(tmp_path):
+    config = node_config(tmp_path, storage={"max_instance_bytes": 1 << 20})
+    db = Database(config.database.url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    scp = StoreScp(config, IngestService(config, db, spool))
+    scp.start()
+    try:
+        big, small = chest_dataset(size=1024), chest_dataset(size=96)  # 2 MiB and 18 KiB
+        assert [s.status for s in _store(config, tmp_path, [big, small])] == [0xC000, 0x0000]
+        assert [r.sop_instance_uid for r in _instances(db)] == [small.SOPInstanceUID]
+        assert list((spool.root / "tmp").iterdir()) == []
+    finally:
+        scp.shutdown()
+        db.dispose()

@@ -175,8 +175,12 @@ def test_evaluate_writes_report_figures_and_consistent_metrics(
     ):
         assert key in metrics
     assert metrics["split"] == "test"
-    for figure in ("roc.png", "confusion.png"):
+    for figure in ("roc.png", "confusion.png", "reliability.png"):
         assert (out / figure).read_bytes()[:8] == PNG_MAGIC
+    # one calibration error per member, a proportion
+    assert set(metrics["calibration_error"]) <= set(metrics["per_finding"])
+    assert metrics["calibration_error"]
+    assert all(0.0 <= e <= 1.0 for e in metrics["calibration_error"].values())
     report = (out / "report.md").read_text()
     assert "Table 2" in report and "Table 3" in report and "Table 9" in report
     # metrics.json agrees with the per-image predictions it came from
@@ -306,6 +310,7 @@ def test_fit_sets_thresholds_on_patients_the_svm_never_saw(trained_run: dict[str
     assert [t["finding"] for t in net["thresholds"]] == ["pneumothorax"]
     done = json.loads((run / "members" / "nodule" / "done.json").read_text())
     assert done["val_logits_precision"] == "fp32"
+    assert done["epoch_selected_on"] == "fit part of validation"
 
 
 def test_export_refuses_a_clinical_bundle_without_its_guarantee(

@@ -322,3 +322,25 @@ def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(
         assert s.execute(select(Result)).scalars().all() == []
         assert s.get(Study, study).state == "queued"
     assert _outbox_files(spool) == set()
+
+
+def test_a_late_instance_during_a_running_job_gives_an_amendment_not_a_second_original(
+    config, db, spool
+):
+    study = _queued_study(db, spool)
+    first = _SlowWorker(config, "cpu")
+    first.seconds = 2.0
+    second = TriageWorker(config, "cpu", bundle=first.bundle)
+    running = threading.Thread(target=first.process_next)
+    running.start()
+    wait_for(lambda: first._lease is not None, 30, interval=0.02)  # it holds the first job
+    _receive(db, spool, _chest(study, 2))  # a late instance: a second job of the study
+    assert enqueue_quiet_studies(db, 0, "1.2.3") == 1
+    assert not second.process_next()  # the study is being worked on: its job waits
+    running.join()
+    assert second.process_next()
+    with db.session() as s:
+        original, amended = s.execute(select(Result).order_by(Result.id)).scalars().all()
+        assert s.get(Study, study).state == "reported"
+    assert original.predecessor_id is None
+    assert amended.predecessor_id == original.id  # one chain: the study's current result

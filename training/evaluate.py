@@ -11,7 +11,7 @@ A manifest that shares a patient or an image's content with the bundle's trainin
 (training/provenance.py) is refused: numbers on seen data claim nothing.
 
 Writes metrics.json, report.md, predictions.csv, study_predictions.csv, roc.png and
-confusion.png.
+confusion.png, reliability.png (member calibration after temperature scaling).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ from training.dataset import (
 )
 from training.metrics import EvaluationInputs, StudyCall, study_metrics, triage_metrics
 from training.provenance import PROVENANCE_FILE, bundle_provenance
+from training.reliability_figure import write_reliability_diagram
 from training.study_triage import triage_studies
+from training.temperature import expected_calibration_error, member_reliability
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +172,13 @@ def write_report(path: Path, metrics: dict[str, Any]) -> None:
     ]
     if metrics["bundle"]["demo"]:
         lines += ["", "**Demo bundle: these numbers claim nothing.**"]
+    calibrated = metrics["bundle"].get("precision")
+    if calibrated and calibrated != metrics["engine"]["precision"]:
+        lines += [
+            "",
+            f"**The bundle's thresholds were set at {calibrated} precision; this evaluation ran "
+            f"at {metrics['engine']['precision']}, so its guarantee does not carry over.**",
+        ]
     if "study" in metrics:
         lines += _study_lines(metrics["study"], metrics["engine"])
     lines += [
@@ -225,7 +234,7 @@ def write_report(path: Path, metrics: dict[str, Any]) -> None:
                 f"{shares['others']:.3f} |"
             )
         lines.append("")
-    lines += ["", "Figures: `roc.png`, `confusion.png`.", ""]
+    lines += ["", "Figures: `roc.png`, `confusion.png`, `reliability.png`.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -369,23 +378,30 @@ def evaluate_bundle(
             bundle.manifest.findings,
             [study_call(st, r) for st, r in zip(studies, results, strict=True)],
         ),
-        engine={"device": device, "precision": precision},
+        engine={"device": device, "precision": engine.precision},  # as resolved ("auto")
         bundle={
             "name": bundle.manifest.name,
             "version": bundle.manifest.version,
             "demo": bundle.manifest.demo,
+            "precision": bundle.manifest.precision,  # where its thresholds were set
         },
         manifest=str(manifest.path),
         manifest_sha256=manifest.sha256,
         split=used,
         training_overlap_checked=checked,
     )
+    reliability = member_reliability(bundle, entries, logits)
+    metrics["calibration_error"] = {
+        name: expected_calibration_error(bins) for name, bins in reliability.items()
+    }
     write_study_predictions(out / "study_predictions.csv", studies, results)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     with open(out / "predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         names = bundle.manifest.findings.names
-        writer.writerow(["row", "image", "patient_id", "abnormal", "score", "ai_abnormal", *names])
+        writer.writerow(
+            ["row", "image", "patient_id", "abnormal", "score", "ai_abnormal", *names, "study_id"]
+        )
         calls = logits.argmax(-1)
         for i, e in enumerate(entries):
             writer.writerow(
@@ -397,9 +413,12 @@ def evaluate_bundle(
                     f"{scores[i]:.6f}",
                     int(scores[i] >= inputs.threshold),
                     *(MEMBER_CLASSES[k] for k in calls[i]),
+                    e.study_key,
                 ]
             )
     write_figures(out, metrics, inputs)
+    if reliability:
+        write_reliability_diagram(reliability, out / "reliability.png", "Member reliability")
     write_report(out / "report.md", metrics)
     log.info(
         "evaluated %d images, %d studies (%s split): per study sensitivity %s specificity %s",

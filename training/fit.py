@@ -33,7 +33,12 @@ from scxnn_node.model.second_stage import SvmSecondStage
 from scxnn_node.model.temperature import temperatures_to_dict
 from training.cache import CachedImage, build_cache
 from training.calibrate import ValidationImages, calibrate
-from training.calibration_split import image_roles, write_image_roles
+from training.calibration_split import (
+    FitCalibrationSplit,
+    image_roles,
+    split_fit_calibration,
+    write_image_roles,
+)
 from training.config import TrainingConfig
 from training.dataset import (
     SPLITS,
@@ -205,6 +210,22 @@ def member_logits_on(
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 3), np.float32)
 
 
+def validation_cut(config: TrainingConfig, data: PreparedData) -> FitCalibrationSplit:
+    """The run's fit/calibration cut of its validation patients (the same one calibrate.py
+    makes from the same rows and settings); RunError when validation cannot be cut."""
+    val = data.split("val")
+    sc = config.second_stage
+    try:
+        return split_fit_calibration(
+            [e.patient_id for e in val],
+            [e.abnormal for e in val],
+            sc.calibration_fraction,
+            sc.calibration_seed,
+        )
+    except ValueError as exc:
+        raise RunError(f"validation split: {exc}") from None
+
+
 def train_one_member(
     config: TrainingConfig,
     data: PreparedData,
@@ -215,11 +236,15 @@ def train_one_member(
     dist_info: DistInfo | None = None,
     progress: bool = True,
 ) -> None:
-    """Train one member and store its weights and validation logits in the run."""
+    """Train one member and store its weights and validation logits in the run. The member
+    chooses its learning-rate steps and best epoch on the fit part of validation only: the
+    calibration patients stay unseen until they set the thresholds."""
     dist_info = dist_info or DistInfo()
     directory = member_dir(run_dir, finding)
     started = time.monotonic()
-    plans = build_plans(config, finding, data.split("train"), data.split("val"), data.cached)
+    cut = validation_cut(config, data)
+    selection = [e for e in data.split("val") if e.patient_id in cut.fit_patients]
+    plans = build_plans(config, finding, data.split("train"), selection, data.cached)
     trainer = MemberTrainer(config, finding, directory, dist_info, progress)
     member = trainer.train(plans, resume=resume, stop_after_epochs=stop_after_epochs)
     if not dist_info.is_main:
@@ -241,6 +266,7 @@ def train_one_member(
             "finding": finding,
             "val_rows": [e.row for e in val],
             "val_logits_precision": precision,
+            "epoch_selected_on": "fit part of validation",
             "train_images": {p.name: len(p.train) for p in plans},
             "seconds": round(time.monotonic() - started, 1),
             "finished": utc_now_iso(),
@@ -304,6 +330,8 @@ def fit_second_stage_for_run(
         )
     except ValueError as exc:
         raise RunError(f"second stage: {exc}") from None
+    if result.split != validation_cut(config, data):  # the members chose epochs on this cut
+        raise RunError("second stage: the validation cut differs from the members'")
     calibration_rows = result.split.calibration_mask(images.patient_ids)
     cal_val = [e for e, on in zip(val, calibration_rows, strict=True) if on]
     cal_logits = logits[calibration_rows]

@@ -114,7 +114,7 @@ def render_model_card(
         f"{split['fit']['patients']} patients ({split['fit']['images']} images) fit the second "
         f"stage and the member temperatures; {cal['patients']} patients ({cal['images']} "
         f"images{studies}) calibrate its threshold and the critical safety net. No member "
-        "trained on either.",
+        "trained on either, and the members chose their best epoch on the fit part only.",
         "",
         "## Calibration set",
         "",

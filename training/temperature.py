@@ -16,12 +16,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from scxnn_node.model.temperature import apply_temperature
+
+if TYPE_CHECKING:  # the bundle loader imports torch; this module stays numpy-only
+    from scxnn_node.model.bundle import Bundle
+    from training.dataset import ManifestEntry
 
 #: Search range of T; a minimiser on its edge means the logits carry (almost) no information.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -143,3 +148,20 @@ def top_label_reliability(
     x, y = _known(logits, labels)
     probs = softmax(apply_temperature(x, temperature), axis=1)
     return reliability_bins(probs.max(axis=1), probs.argmax(axis=1) == y, n_bins)
+
+def member_reliability(
+    bundle: Bundle, entries: Sequence[ManifestEntry], logits: np.ndarray
+) -> dict[str, list[ReliabilityBin]]:
+    """Per member: the reliability of its (temperature-scaled) call on the evaluated images."""
+    from training.member_targets import member_class  # the dataset rules, needed only here
+
+    curves = {}
+    for m, finding in enumerate(bundle.manifest.findings):
+        labels = np.array(
+            [-1 if (c := member_class(e, finding.name)) is None else c for e in entries]
+        )
+        if (labels >= 0).any():
+            t = 1.0 if bundle.temperatures is None else float(bundle.temperatures[m])
+            curves[finding.name] = top_label_reliability(logits[:, m], labels, t)
+    return curves
+

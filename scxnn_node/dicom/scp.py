@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scxnn_node.config import NodeConfig, TlsSection
+from scxnn_node.config import AllowedCaller, NodeConfig, TlsSection
 from scxnn_node.imaging.selection import assess_eligibility
 from scxnn_node.logs import short_hash
 from scxnn_node.store.assembly import InstanceRecord, record_instance
@@ -27,9 +32,72 @@ from scxnn_node.store.spool import Spool
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+# Refused: out of resources. The sender retries later: only for what may succeed then (disk
+# or database trouble), never for input that fails the same way every time.
 OUT_OF_RESOURCES = 0xA700
+# Error: cannot understand. Input this node will never store (unreadable, invalid UIDs, above
+# storage.max_instance_bytes): PS3.4 B.2.3 leaves 0xA7xx for a lack of resources the sender
+# may wait out, so a size that no retry changes is answered here and the sender gives up.
 CANNOT_UNDERSTAND = 0xC000
 PREAMBLE = b"\x00" * 128 + b"DICM"
+MAX_UID_LENGTH = 64
+# PS3.5 9.1: components of digits separated by dots. A leading zero in a component (also
+# against 9.1) is accepted: it is seen in the field and harms neither storage nor the SR.
+_UID_SHAPE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_HEADER_DEFER_BYTES = 1 << 20  # larger header values stay on disk while the header is read
+
+
+def uid_problem(value: str) -> str | None:
+    """Why `value` is not a UID this node stores, or None; never quotes the value."""
+    if not value:
+        return "empty"
+    if len(value) > MAX_UID_LENGTH:
+        return f"{len(value)} characters, at most {MAX_UID_LENGTH}"
+    if not _UID_SHAPE.fullmatch(value):
+        return "not digits separated by dots"
+    return None
+
+
+def raw_text(header: Dataset, keyword: str) -> str:
+    """An element's value as sent (trailing padding removed), "" when absent. Read without
+    pydicom's value conversion, which logs an invalid UID verbatim at WARNING."""
+    if keyword not in header:
+        return ""
+    value = header.get_item(keyword).value
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip("\x00 ")
+    return "" if value is None else str(value).rstrip("\x00 ")
+
+
+class UnusableUid(ValueError):
+    """A UID this node will never store; the message names the element, never the value."""
+
+
+@dataclass(frozen=True)
+class InstanceUids:
+    """The UIDs of a received instance, each checked."""
+
+    sop_instance: str
+    study: str
+    series: str  # "" when absent: the instance is stored and analysed without it
+    sop_class: str  # "" when absent: filtered out as an unknown SOP class
+
+    @classmethod
+    def of(cls, header: Dataset) -> InstanceUids:
+        """The UIDs, or UnusableUid naming the first unusable one."""
+        uids = cls(
+            raw_text(header, "SOPInstanceUID"),
+            raw_text(header, "StudyInstanceUID"),
+            raw_text(header, "SeriesInstanceUID"),
+            raw_text(header, "SOPClassUID"),
+        )
+        required = {"SOP Instance UID": uids.sop_instance, "Study Instance UID": uids.study}
+        optional = {"Series Instance UID": uids.series, "SOP Class UID": uids.sop_class}
+        for name, value in [*required.items(), *((n, v) for n, v in optional.items() if v)]:
+            problem = uid_problem(value)
+            if problem:
+                raise UnusableUid(f"{name}: {problem}")
+        return uids
 
 
 def encode_part10(file_meta: Dataset, raw_dataset: bytes) -> list[bytes]:
@@ -37,6 +105,23 @@ def encode_part10(file_meta: Dataset, raw_dataset: bytes) -> list[bytes]:
     meta = io.BytesIO()
     write_file_meta_info(meta, file_meta, enforce_standard=True)
     return [PREAMBLE, meta.getvalue(), raw_dataset]
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as logs show it at INFO and above: its kind (and the OS error), never its
+    text, which may quote a UID or an SQL parameter."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return type(exc).__name__
+
+
+def holds_instance(path: Path, sop_instance_uid: str) -> bool:
+    """True if `path` is a readable DICOM file of exactly this SOP instance."""
+    try:
+        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return raw_text(header, "SOPInstanceUID") == sop_instance_uid
+    except Exception:  # missing, unreadable or not DICOM: rewrite it
+        return False
 
 
 class IngestService:
@@ -50,9 +135,8 @@ class IngestService:
         self.sop_classes = set(config.filters.sop_classes)
         self.modalities = {m.strip().upper() for m in config.filters.modalities}
 
-    def filter_reason(self, header: Dataset) -> str | None:
+    def filter_reason(self, header: Dataset, sop_class: str) -> str | None:
         """Why the configured filters exclude this image, or None to analyse it."""
-        sop_class = str(header.get("SOPClassUID", ""))
         if sop_class not in self.sop_classes:
             return f"SOP class {sop_class} is not in filters.sop_classes"
         modality = str(header.get("Modality", "") or "").strip().upper()
@@ -61,90 +145,138 @@ class IngestService:
         eligibility = assess_eligibility(header, self.policy)
         return None if eligibility.analyse else eligibility.reason
 
-    def store(self, file_meta: Dataset, raw_dataset: bytes, calling_ae: str) -> int:
-        """Validate, store durably, answer with a DIMSE status."""
+    def store(self, received: Path, calling_ae: str) -> int:
+        """Validate a received Part 10 file, store it durably, answer with a DIMSE status.
+        `received` stays the caller's: it is linked or copied into the spool, never moved."""
         if self.spool.free_bytes() < self.config.storage.min_free_bytes:
             log.error("C-STORE refused: free disk below storage.min_free_bytes")
             return OUT_OF_RESOURCES
-        chunks = encode_part10(file_meta, raw_dataset)
-        try:
-            header = dcmread(io.BytesIO(b"".join(chunks)), stop_before_pixels=True)
-            sop_uid, study_uid = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
-            if not sop_uid or not study_uid:
-                raise ValueError("empty SOP Instance UID or Study Instance UID")
-        except Exception as exc:
-            kept = self.spool.rejected_path()
-            try:
-                self.spool.write_durably(kept, chunks)
-            except OSError:
-                kept = "(not kept: disk error)"
+        size = received.stat().st_size
+        if size > self.config.storage.max_instance_bytes:
             log.warning(
-                "C-STORE from %s cannot be understood (%s); kept as %s", calling_ae, exc, kept
+                "C-STORE from %s refused: %d bytes, above storage.max_instance_bytes; "
+                "answered 0xC000",
+                calling_ae,
+                size,
             )
             return CANNOT_UNDERSTAND
         try:
-            skip_reason = self.filter_reason(header)
-            rel = self.spool.instance_path(study_uid, sop_uid)
-            # The path is fixed per SOP instance and appears only by atomic rename: a file
-            # already there is this instance, complete (a re-send, or a crash before commit).
-            if not self.spool.absolute(rel).is_file():
-                self.spool.write_durably(rel, chunks)
+            header = dcmread(received, stop_before_pixels=True, defer_size=_HEADER_DEFER_BYTES)
+            uids = InstanceUids.of(header)
+            skip_reason = self.filter_reason(header, uids.sop_class)
+        except Exception as exc:
+            return self._reject(received, calling_ae, exc)
+        try:
+            rel = self.spool.instance_path(uids.study, uids.sop_instance)
+            # A file already at the name is reused only if it holds this very instance (a
+            # re-send, or a crash before the commit); anything else there is replaced.
+            if not holds_instance(self.spool.absolute(rel), uids.sop_instance):
+                self.spool.store_file(received, rel)
             new = record_instance(
                 self.db,
                 InstanceRecord(
-                    sop_instance_uid=sop_uid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=str(header.get("SeriesInstanceUID", "")),
-                    sop_class_uid=str(header.get("SOPClassUID", "")),
+                    sop_instance_uid=uids.sop_instance,
+                    study_instance_uid=uids.study,
+                    series_instance_uid=uids.series,
+                    sop_class_uid=uids.sop_class,
                     path=rel,
-                    size=sum(len(c) for c in chunks),
+                    size=size,
                     calling_ae=calling_ae,
                     skip_reason=skip_reason,
                 ),
             )
         except Exception as exc:  # disk or database: the sender must retry
-            log.error("C-STORE of %s not stored (%s); answered 0xA700", short_hash(sop_uid), exc)
-            return OUT_OF_RESOURCES
-        if not new:
-            log.info(
-                "duplicate instance %s from %s: already stored", short_hash(sop_uid), calling_ae
+            log.error(
+                "C-STORE of %s not stored (%s); answered 0xA700",
+                short_hash(uids.sop_instance),
+                describe(exc),
             )
+            log.debug("C-STORE of %s not stored", uids.sop_instance, exc_info=True)
+            return OUT_OF_RESOURCES
+        sop = short_hash(uids.sop_instance)
+        if not new:
+            log.info("duplicate instance %s from %s: already stored", sop, calling_ae)
         elif skip_reason:
-            log.info("instance %s skipped: %s", short_hash(sop_uid), skip_reason)
+            log.info("instance %s skipped: %s", sop, skip_reason)
         else:
-            log.info("instance %s of study %s stored", short_hash(sop_uid), short_hash(study_uid))
+            log.info("instance %s of study %s stored", sop, short_hash(uids.study))
         return SUCCESS
+
+    def _reject(self, received: Path, calling_ae: str, exc: Exception) -> int:
+        """Answer cannot-understand, keeping the file in rejected/ for inspection."""
+        why = str(exc) if isinstance(exc, UnusableUid) else describe(exc)
+        try:
+            kept = self.spool.store_file(received, self.spool.rejected_path()).name
+        except OSError:
+            kept = "(not kept: disk error)"
+        log.warning("C-STORE from %s cannot be understood (%s); kept as %s", calling_ae, why, kept)
+        log.debug("C-STORE from %s cannot be understood", calling_ae, exc_info=True)
+        return CANNOT_UNDERSTAND
 
 
 def server_ssl_context(tls: TlsSection) -> ssl.SSLContext | None:
+    """The SCP's TLS: its certificate; with tls.ca, a client certificate that is presented must
+    chain to that CA (and must be presented with require_client_certificate). No system CA is
+    trusted for callers."""
     if not tls.enabled:
         return None
     if tls.certificate is None or tls.key is None:
         raise ValueError("node.tls.enabled needs node.tls.certificate and node.tls.key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(tls.certificate), str(tls.key))
     if tls.ca is not None:
         context.load_verify_locations(str(tls.ca))
-    if tls.require_client_certificate:
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+        )
+    elif tls.require_client_certificate:
+        raise ValueError("node.tls.require_client_certificate needs node.tls.ca")
     return context
 
 
+def peer_certificate_names(assoc: object) -> set[str]:
+    """The subject common names of the verified client certificate of an association over
+    TLS; empty without TLS or without a verified certificate."""
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = getattr(transport, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return set()
+    certificate = sock.getpeercert() or {}
+    return {
+        value
+        for rdn in certificate.get("subject", ())
+        for key, value in rdn
+        if key == "commonName"
+    }
+
+
 class CallerPolicy:
-    """The allow-list of calling AE titles (and hosts); None allows every caller."""
+    """The allow-list of calling AE titles (hosts, client certificates); None allows every
+    caller."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.callers = config.allowed_callers
 
-    def refusal(self, ae_title: str, host: str) -> str | None:
+    def refusal(
+        self, ae_title: str, host: str, certificate_names: set[str] | None = None
+    ) -> str | None:
         if self.callers is None:
             return None
-        titles = [c for c in self.callers if c.ae_title == ae_title.strip()]
+        title = ae_title.strip()
+        titles = [c for c in self.callers if c.ae_title == title]
         if not titles:
-            return f"calling AE title {ae_title.strip()!r} is not in allowed_callers"
-        if all(c.host is not None and c.host != host for c in titles):
-            return f"calling AE title {ae_title.strip()!r} is not allowed from {host}"
+            return f"calling AE title {title!r} is not in allowed_callers"
+        from_host = [c for c in titles if c.host is None or c.host == host]
+        if not from_host:
+            return f"calling AE title {title!r} is not allowed from {host}"
+        if not any(_certificate_fits(c, certificate_names or set()) for c in from_host):
+            return f"calling AE title {title!r} needs a client certificate issued to it"
         return None
+
+
+def _certificate_fits(caller: AllowedCaller, names: set[str]) -> bool:
+    return caller.certificate_cn is None or caller.certificate_cn in names
 
 
 class StoreScp:
@@ -164,23 +296,52 @@ class StoreScp:
         ae.add_supported_context(Verification)
         self.ae = ae
         self.server: ThreadedAssociationServer | None = None
+        # A received dataset streams to a temp file (TMPDIR) instead of memory; the setting is
+        # process-wide, and every C-STORE handler in the node reads the file.
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
 
     def on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        reason = self.callers.refusal(requestor.primitive.calling_ae_title, requestor.address)
+        called = requestor.primitive.called_ae_title.strip()
+        if self.config.node.check_called_ae and called != self.config.node.ae_title:
+            log.warning(
+                "association from %s refused: called AE title %r is not %r",
+                requestor.address,
+                called,
+                self.config.node.ae_title,
+            )
+            # rejected-permanent, service-user, called-AE-title-not-recognized
+            self._reject(event, 0x07)
+            return
+        reason = self.callers.refusal(
+            requestor.primitive.calling_ae_title,
+            requestor.address,
+            peer_certificate_names(event.assoc),
+        )
         if reason:
             log.warning("association from %s refused: %s", requestor.address, reason)
             # rejected-permanent, service-user, calling-AE-title-not-recognized
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            event.assoc.kill()  # lets the reject PDU go out before the socket closes
+            self._reject(event, 0x03)
+
+    @staticmethod
+    def _reject(event: evt.Event, reason: int) -> None:
+        event.assoc.acse.send_reject(0x01, 0x01, reason)
+        event.assoc.kill()  # lets the reject PDU go out before the socket closes
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int:
-        return self.ingest.store(
-            event.file_meta, event.request.DataSet.getvalue(), event.assoc.requestor.ae_title
-        )
+        calling_ae = event.assoc.requestor.ae_title
+        received = event.dataset_path
+        if received is not None:  # streamed to a temp file that pynetdicom removes after us
+            return self.ingest.store(Path(received), calling_ae)
+        # Received in memory (the process-wide setting was changed): spool it to a file first.
+        chunks = encode_part10(event.file_meta, event.request.DataSet.getvalue())
+        with tempfile.TemporaryDirectory(dir=self.ingest.spool.absolute("tmp")) as folder:
+            path = Path(folder) / "received.dcm"
+            path.write_bytes(b"".join(chunks))
+            return self.ingest.store(path, calling_ae)
 
     def start(self) -> None:
         """Listen in background threads."""

@@ -19,12 +19,17 @@ UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 def client_ssl_context(tls: TlsSection | None) -> ssl.SSLContext | None:
+    """The SCU's TLS: the peer's certificate must chain to tls.ca alone when it is set (a
+    pinned CA), to a system CA otherwise, and must name the host dialled unless
+    tls.check_hostname is off (allowed only with a pinned CA: some PACS certificates name
+    another host)."""
     if tls is None or not tls.enabled:
         return None
     context = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None
     )
-    context.check_hostname = False  # PACS certificates name AE hosts inconsistently; CA pins trust
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = tls.check_hostname
     if tls.certificate is not None and tls.key is not None:
         context.load_cert_chain(str(tls.certificate), str(tls.key))
     return context

@@ -4,6 +4,7 @@ unusable, and its study goes on without it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -102,19 +103,21 @@ def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: st
                 queued += 1
                 study.state = StudyState.QUEUED
             else:  # re-sent instances only: the study follows the job this input already has
-                study.state = _follow_existing_job(session, study.study_instance_uid, uids)
+                study.state = _follow_existing_job(
+                    session, study.study_instance_uid, uids, bundle_version
+                )
     return queued
 
 
-def _follow_existing_job(session: Session, study_instance_uid: str, uids: list[str]) -> str:
+def _follow_existing_job(
+    session: Session, study_instance_uid: str, uids: Sequence[str], bundle_version: str
+) -> str:
     existing = session.execute(
-        select(Job)
-        .where(
+        select(Job).where(
             Job.study_instance_uid == study_instance_uid,
             Job.instance_set == JobQueue.instance_set(uids),
+            Job.bundle_version == bundle_version,
         )
-        .order_by(Job.id.desc())
-        .limit(1)
     ).scalar_one()
     if existing.state == JobState.SUPERSEDED:  # its study's newer input shrank back to it
         existing.state = JobState.READY

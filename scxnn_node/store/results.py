@@ -84,7 +84,10 @@ def latest_report(db: Database, study_instance_uid: str) -> ReportedSr | None:
         row = session.execute(
             select(Result)
             .where(
-                Result.study_instance_uid == study_instance_uid, Result.sr_sop_instance_uid != ""
+                Result.study_instance_uid == study_instance_uid,
+                Result.sr_sop_instance_uid != "",
+                # 0.1.0 did not keep an SR's series: such an SR cannot be named (type 1).
+                Result.sr_series_instance_uid != "",
             )
             .order_by(Result.id.desc())
             .limit(1)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from scxnn_node.logs import short_hash
+
+AREAS = ("instances", "rejected", "outbox", "tmp")
 
 
 def fsync_dir(path: Path) -> None:
@@ -19,18 +24,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def uid_file_stem(uid: str) -> str:
+    """A file name stem that is a collision-free function of the whole UID (its sha256 in hex):
+    UIDs that differ in any character get different files, and any UID, however long or odd,
+    gives a name the file system accepts."""
+    return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 class Spool:
-    """Layout: instances/<study hash>/<sop uid>.dcm, rejected/, outbox/<job>.<attempt>/, tmp/."""
+    """Layout: instances/<study hash>/<sha256 of the SOP UID>.dcm, rejected/,
+    outbox/<job>.<attempt>/, tmp/ (temp files, renamed into place once complete)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        for sub in ("instances", "rejected", "outbox", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for area in AREAS:
+            self._make_directories(self.root / area)
 
     def instance_path(self, study_uid: str, sop_uid: str) -> str:
-        """Relative path of a received instance (UIDs are safe file names: digits and dots)."""
-        safe = "".join(c for c in sop_uid if c.isdigit() or c == ".") or short_hash(sop_uid)
-        return f"instances/{short_hash(study_uid)}/{safe}.dcm"
+        """Relative path of a received instance."""
+        return f"instances/{short_hash(study_uid)}/{uid_file_stem(sop_uid)}.dcm"
 
     def outbox_path(self, job_id: int, attempt: str, kind: str) -> str:
         """An output's path, unique to the attempt that made it: a worker whose lease expired
@@ -43,19 +55,62 @@ class Spool:
     def absolute(self, rel: str) -> Path:
         return self.root / rel
 
+    def files(self, area: str) -> list[Path]:
+        """The plain files directly in one area (tmp, rejected)."""
+        with os.scandir(self.root / area) as entries:
+            return [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
+
     def write_durably(self, rel: str, chunks: list[bytes] | bytes) -> Path:
         """Write to a temp name, fsync, rename into place, fsync the directory."""
-        target = self.root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
-        with open(tmp, "wb") as fh:
+        with self._placing(rel) as tmp, open(tmp, "wb") as fh:
             for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
                 fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        return self.root / rel
+
+    def store_file(self, source: Path, rel: str) -> Path:
+        """Put a copy of a complete file (a received instance) at `rel`, durably: hard-linked
+        when `source` is on the spool's file system (no data copied), copied otherwise."""
+        with self._placing(rel) as tmp:
+            try:
+                os.link(source, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copyfile(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.root / rel
+
+    @contextlib.contextmanager
+    def _placing(self, rel: str) -> Iterator[Path]:
+        """A fresh temp path to fill; renamed onto `rel` (directories made and fsynced) when
+        the block succeeds, removed whatever happens: no temp file outlives a failure."""
+        target = self.root / rel
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        try:
+            yield tmp
+            self._make_directories(target.parent)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # already gone after the rename
         fsync_dir(target.parent)
-        return target
+
+    def _make_directories(self, directory: Path) -> None:
+        """Make `directory` and its missing parents, fsyncing the parent of each one made so
+        that a new directory (a study's, say) survives a power cut with the file put in it."""
+        missing = []
+        while not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # a concurrent writer made it
+                new.mkdir()
+            fsync_dir(new.parent)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
