@@ -15,7 +15,12 @@ from pathlib import Path
 # not pay for torch (seconds of CPU on a busy node); the commands that run the model import it.
 from scxnn_node.config import ConfigError, NodeConfig, load_config
 from scxnn_node.logs import configure_logging, redact_url, short_hash
-from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE, BundleError, verify_bundle
+from scxnn_node.model.manifest import (
+    NOT_FOR_CLINICAL_USE,
+    BundleError,
+    tier_differences,
+    verify_bundle,
+)
 from scxnn_node.model.options import BACKENDS, PRECISIONS
 from scxnn_node.model.result import StudyResult
 from scxnn_node.store.db import Database, SchemaMismatch
@@ -189,6 +194,8 @@ def _bundle(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"bundle {args.dir} is NOT intact: {exc}", file=sys.stderr)
         return 1
+    for warning in tier_differences(manifest):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.bundle_command == "verify":
         print(
             f"bundle {args.dir} is intact: {manifest.name} {manifest.version}, "

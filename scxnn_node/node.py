@@ -23,7 +23,7 @@ from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
 from scxnn_node.logs import configure_logging
-from scxnn_node.model.bundle import read_manifest, verify_bundle
+from scxnn_node.model.manifest import read_manifest, verify_bundle
 from scxnn_node.scheduler import NodeScheduler
 from scxnn_node.store import workers
 from scxnn_node.store.db import Database

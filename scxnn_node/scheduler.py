@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -15,7 +16,7 @@ from scxnn_node.store.assembly import enqueue_quiet_studies
 from scxnn_node.store.db import Database
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.store.spool import Spool
-from scxnn_node.store.workers import served_versions
+from scxnn_node.store.workers import forget_silent, served_versions
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,21 @@ class NodeScheduler:
         adopted = self.queue.adopt_unserved_jobs(self.bundle_version, served_versions(self.db))
         if adopted:
             log.warning("%d job(s) of a bundle no worker serves now use this bundle", adopted)
+        # A killed worker's row would stay for ever; silent past a lease, it held nothing more.
+        forget_silent(self.db, timedelta(seconds=self.config.worker.lease_seconds))
         return recovered
 
     def start(self) -> None:
         s = self.config.scheduler
+        _logged(self.cleaner.sweep_leftovers)()  # what a crash left behind goes at start
         scheduler = BackgroundScheduler(timezone="UTC")
         timetable: list[tuple[Callable[[], object], float]] = [
             (self.enqueue_ready_studies, s.readiness_seconds),
             (self.recover_leases, s.lease_recovery_seconds),
             (self.dispatcher.deliver_due, s.delivery_seconds),
             (self.cleaner.purge_spool, s.retention_seconds),
+            (self.cleaner.sweep_leftovers, s.retention_seconds),
+            (self.cleaner.sweep_orphan_outputs, s.retention_seconds),
             (self.cleaner.check_disk, s.disk_check_seconds),
             (self.cleaner.housekeeping, s.housekeeping_seconds),
         ]

@@ -18,7 +18,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
@@ -256,7 +256,9 @@ class TriageWorker:
                 prepared.append(PreparedInstance(job.study_instance_uid, sop_uid, None, reason))
         self._checkpoint()
         result = triage_study(self.engine, job.study_instance_uid, prepared)
-        return Triaged(result, prepared, unusable)
+        readable = {uid for uid, _ in rows}
+        purged = tuple(uid for uid in job.instance_uids if uid not in readable)
+        return Triaged(replace(result, purged_instances=purged), prepared, unusable)
 
     def _build_outputs(
         self,

@@ -15,9 +15,9 @@ from dicom_factory import chest_pixels, make_dataset, write
 
 from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image
 from training.cache import CacheError, build_cache
+from training.class_mapping import DatasetImportError
 from training.dataset import ManifestError, ManifestRow, load_manifest, write_manifest
 from training.importers import (
-    DatasetImportError,
     import_chestx_det,
     import_class_folders,
     import_generic_csv,
@@ -43,6 +43,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def _manifest_of_pngs(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A manifest CSV whose rows' images (the first column) are PNG files written beside it."""
+    for row in rows:
+        _png(path.parent / row[0])
+    return _write_csv(path, header, rows)
 
 
 def test_manifest_reads_labels_masks_and_unknowns(tmp_path: Path):
@@ -420,9 +427,7 @@ def test_single_finding_and_unannotated_sources_are_not_normal_by_default(tmp_pa
 
 
 def test_no_finding_column_decides_normal(tmp_path: Path):
-    for name in "abcd":
-        _png(tmp_path / f"{name}.png")
-    path = _write_csv(
+    path = _manifest_of_pngs(
         tmp_path / "m.csv",
         ["image", "patient_id", "nodule", "cardiomegaly", "no_finding"],
         [
@@ -455,7 +460,7 @@ def test_no_finding_column_decides_normal(tmp_path: Path):
 
 
 def test_member_class_never_takes_an_unstated_image_as_normal():
-    from scxnn_node.model.member import NORMAL, OTHERS
+    from scxnn_node.model.result import NORMAL, OTHERS
     from training.dataset import ManifestEntry
     from training.member_targets import member_class
 
@@ -526,11 +531,9 @@ def test_importers_drop_duplicate_content_with_a_warning(tmp_path: Path, caplog)
 
 
 def test_study_column_groups_images_and_stays_with_one_patient(tmp_path: Path):
-    from training.dataset import group_studies
+    from training.studies import group_studies
 
-    for name in "abcd":
-        _png(tmp_path / f"{name}.png")
-    path = _write_csv(
+    path = _manifest_of_pngs(
         tmp_path / "m.csv",
         ["image", "patient_id", "study_id", "nodule", "cardiomegaly"],
         [

@@ -4,21 +4,22 @@ and fails when the same images fit the classifier and set its threshold."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from scipy.stats import binom
 from sklearn.svm import LinearSVC
 
-from training.calibration_split import split_fit_calibration
-from training.held_out_threshold import (
-    CALIBRATION,
-    fit_second_stage_held_out,
-    held_out_operating_point,
-)
+from scxnn_node.findings import THESIS_CATALOGUE
+from scxnn_node.model.decision import abnormality_scores
+from training.calibrate import ValidationImages, calibrate
+from training.held_out_threshold import CALIBRATION
 from training.second_stage_fit import choose_operating_point, fit_second_stage, np_order_statistic
+from training.temperature import UNKNOWN
 
-N_FEATURES = 39  # 13 members x 3 logits
+N_MEMBERS = len(THESIS_CATALOGUE.names)
+N_FEATURES = N_MEMBERS * 3  # 13 members x 3 logits
 N_ABNORMAL, N_NORMAL = 600, 200
 MISS_RATE, CONFIDENCE = 0.01, 0.95
 N_TRIALS = 200
@@ -28,9 +29,10 @@ N_TRIALS = 200
 SEPARATION = 4.0
 SHIFT = np.full(N_FEATURES, SEPARATION / np.sqrt(N_FEATURES))
 
-# A procedure gets features and labels and returns a linear score (w, b) and a threshold:
-# abnormal iff x @ w + b >= threshold.
-Procedure = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, float, float]]
+# A procedure gets features, labels and a seed and returns a score function and a threshold:
+# abnormal iff score(x) >= threshold.
+Score = Callable[[np.ndarray], np.ndarray]
+Procedure = Callable[[np.ndarray, np.ndarray, int], tuple[Score, float]]
 
 
 def _draw(rng: np.random.Generator, n_abnormal: int, n_normal: int):
@@ -50,25 +52,40 @@ def fit_and_threshold_on_the_same_images(x, y, seed):
     """What training/fit.py did before: SVM and threshold on every validation image."""
     w, b = _linear_svm(x, y)
     op = choose_operating_point(x @ w + b, y, 1 - MISS_RATE, CONFIDENCE)
-    return w, b, op.threshold
+    return lambda z: z @ w + b, op.threshold
+
+
+def _validation_images(logits: np.ndarray, abnormal: list[int | None]) -> ValidationImages:
+    """Validation images of one patient and one study each. No finding labels and no member
+    classes: the safety net and the temperatures, which do not move the SVM's threshold, get
+    nothing to fit."""
+    n = len(logits)
+    return ValidationImages(
+        logits=logits.reshape(n, N_MEMBERS, 3),
+        patient_ids=[f"P{i}" for i in range(n)],
+        study_ids=[""] * n,
+        labels=[{}] * n,
+        abnormal=abnormal,
+        member_classes=np.full((n, N_MEMBERS), UNKNOWN),
+    )
 
 
 def fit_then_threshold_on_calibration(x, y, seed):
-    """Patient-level cut (one image per patient here): fit on one part, threshold on the other."""
-    patients = [f"P{i}" for i in range(len(y))]
-    split = split_fit_calibration(patients, y.tolist(), calibration_fraction=0.5, seed=seed)
-    cal = split.calibration_mask(patients)
-    w, b = _linear_svm(x[~cal], y[~cal])
-    op = held_out_operating_point(
-        x[cal] @ w + b,
-        y[cal],
-        n_fit_abnormal=int(y[~cal].sum()),
-        n_fit_normal=int((1 - y[~cal]).sum()),
+    """The pipeline's second stage (training/calibrate.py): a patient-level cut, the SVM
+    fitted on one part, the threshold set on the other; scored as the node scores."""
+    result = calibrate(
+        THESIS_CATALOGUE,
+        _validation_images(x, y.tolist()),
+        kernel="linear",
         target_sensitivity=1 - MISS_RATE,
         confidence=CONFIDENCE,
+        calibration_fraction=0.5,
+        calibration_seed=seed,
     )
+    op = result.operating_point
     assert op.validation["guarantee_met"] and op.validation["threshold_set_on"] == CALIBRATION
-    return w, b, op.threshold
+    stage = result.second_stage
+    return lambda z: abnormality_scores(stage, z.reshape(len(z), N_MEMBERS, 3)), op.threshold
 
 
 def guarantee_violations(procedure: Procedure, seed: int) -> int:
@@ -79,8 +96,8 @@ def guarantee_violations(procedure: Procedure, seed: int) -> int:
     violations = 0
     for trial in range(N_TRIALS):
         x, y = _draw(rng, N_ABNORMAL, N_NORMAL)
-        w, b, threshold = procedure(x, y, trial)
-        true_miss_rate = float((fresh_abnormal @ w + b < threshold).mean())
+        score, threshold = procedure(x, y, trial)
+        true_miss_rate = float((score(fresh_abnormal) < threshold).mean())
         violations += true_miss_rate > MISS_RATE
     return violations
 
@@ -110,25 +127,29 @@ def _logits(seed: int, n: int = 120) -> tuple[np.ndarray, list[int | None]]:
     return logits, abnormal
 
 
-def test_held_out_fit_uses_fit_rows_for_the_svm_and_calibration_rows_for_the_threshold():
+def test_the_pipeline_fits_on_fit_rows_and_thresholds_on_calibration_rows():
     logits, abnormal = _logits(5)
     abnormal[0] = abnormal[1] = None  # unknown status: in neither part
-    calibration = np.arange(len(abnormal)) % 2 == 1
-    result = fit_second_stage_held_out(logits, abnormal, calibration, target_sensitivity=0.9)
+    images = _validation_images(logits, abnormal)
+    result = calibrate(THESIS_CATALOGUE, images, target_sensitivity=0.9)
+    calibration = result.split.calibration_mask(images.patient_ids)
     x = logits.reshape(len(logits), -1)
     known = np.array([a is not None for a in abnormal])
     y = np.array([a == 1 for a in abnormal], dtype=int)
     fit_rows, cal_rows = known & ~calibration, known & calibration
     expected = fit_second_stage(x[fit_rows], y[fit_rows])
-    np.testing.assert_allclose(result.stage.decision_function(x), expected.decision_function(x))
+    stage = result.second_stage
+    np.testing.assert_allclose(stage.decision_function(x), expected.decision_function(x))
     # Changing the calibration images' logits moves the threshold, never the SVM.
     moved = logits.copy()
     moved[calibration] += 0.3
-    other = fit_second_stage_held_out(moved, abnormal, calibration, target_sensitivity=0.9)
-    np.testing.assert_allclose(other.stage.decision_function(x), expected.decision_function(x))
+    other = calibrate(THESIS_CATALOGUE, replace(images, logits=moved), target_sensitivity=0.9)
+    np.testing.assert_allclose(
+        other.second_stage.decision_function(x), expected.decision_function(x)
+    )
     assert other.operating_point.threshold != result.operating_point.threshold
     # The threshold is the order statistic of the calibration abnormal scores.
-    cal_scores = np.sort(result.stage.decision_function(x[cal_rows & (y == 1)]))
+    cal_scores = np.sort(stage.decision_function(x[cal_rows & (y == 1)]))
     v = result.operating_point.validation
     assert result.operating_point.threshold == pytest.approx(
         cal_scores[v["order_statistic_k"] - 1]
@@ -139,7 +160,7 @@ def test_held_out_fit_uses_fit_rows_for_the_svm_and_calibration_rows_for_the_thr
     assert v["threshold_set_on"] == CALIBRATION
 
 
-def test_held_out_fit_refuses_mismatched_lengths():
+def test_the_pipeline_refuses_mismatched_lengths():
     logits, abnormal = _logits(6, n=20)
-    with pytest.raises(ValueError, match="one value per image"):
-        fit_second_stage_held_out(logits, abnormal, np.zeros(19, dtype=bool))
+    with pytest.raises(ValueError, match="one patient, study, label set and class each"):
+        _validation_images(logits, abnormal[:19])

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from scxnn_node.model.member import MemberNet, architecture, load_imagenet_encoder
+from scxnn_node.model.architectures import architecture
+from scxnn_node.model.member import MemberNet, load_imagenet_encoder
 
 
 def test_small_member_shapes():

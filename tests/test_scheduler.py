@@ -11,8 +11,9 @@ from scxnn_node.cleaner import Cleaner
 from scxnn_node.scheduler import NodeScheduler
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Event, Instance, Study
+from scxnn_node.store.models import Event, Instance, Study, Worker
 from scxnn_node.store.spool import Spool
+from scxnn_node.store.workers import WorkerIdentity, beat
 from scxnn_node.testing.loopback import node_config
 
 
@@ -90,3 +91,25 @@ def test_housekeeping_and_scheduler_start_stop(tmp_path):
     scheduler = NodeScheduler(config, db, spool, "0.1.0")
     scheduler.start()
     scheduler.shutdown()
+
+
+def test_lease_recovery_forgets_workers_silent_past_a_lease(tmp_path):
+    config, db, spool, _cleaner = _setup(tmp_path, worker={"lease_seconds": 60})
+    for owner in ("host:1:cpu", "host:2:cpu"):
+        beat(db, WorkerIdentity(owner, "host", int(owner.split(":")[1]), "cpu", "0.1.0"), None, 5)
+    with db.session() as s:  # the first was killed two leases ago; the second beats on
+        s.get(Worker, "host:1:cpu").alive_until = utc_now() - timedelta(seconds=120)
+    NodeScheduler(config, db, spool, "0.1.0").recover_leases()
+    with db.session() as s:
+        assert [w.owner for w in s.execute(select(Worker)).scalars()] == ["host:2:cpu"]
+
+
+def test_the_timetable_sweeps_orphan_outputs(tmp_path):
+    config, db, spool, _cleaner = _setup(tmp_path)
+    scheduler = NodeScheduler(config, db, spool, "0.1.0")
+    scheduler.start()
+    try:
+        assert scheduler._scheduler is not None
+        assert scheduler._scheduler.get_job("sweep_orphan_outputs") is not None
+    finally:
+        scheduler.shutdown()

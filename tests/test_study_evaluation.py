@@ -20,15 +20,10 @@ from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.options import EngineOptions
 from scxnn_node.model.result import Verdict
 from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
-from training.dataset import (
-    ManifestError,
-    ManifestRow,
-    load_manifest,
-    read_source_pixels,
-    write_manifest,
-)
+from training.dataset import ManifestError, ManifestRow, load_manifest, write_manifest
 from training.evaluate import evaluate_bundle
 from training.provenance import PROVENANCE_FILE, TrainingProvenance, provenance_of
+from training.source_images import read_source_pixels
 from training.synthetic import synthesise_case
 from training.untrained import untrained_parts
 
@@ -130,19 +125,15 @@ def test_evaluate_reports_studies_as_the_node_triages_them(tmp_path: Path):
         ManifestRow(_png(d / "a.png", 1), "P1", {"nodule": 1, "cardiomegaly": 0}, study_id="s1"),
         ManifestRow(_png(d / "b.png", 2), "P1", {"nodule": 0, "cardiomegaly": 0}, study_id="s1"),
         # s2: a PA and a lateral DICOM: the node analyses the PA only
-        ManifestRow(
-            _dicom(d / "pa.dcm", 3, "PA"),
-            "P2",
-            {"nodule": 0, "cardiomegaly": 0},
-            study_id="s2",
-            no_finding=True,
-        ),
-        ManifestRow(
-            _dicom(d / "lat.dcm", 4, "LL"),
-            "P2",
-            {"nodule": 0, "cardiomegaly": 0},
-            study_id="s2",
-            no_finding=True,
+        *(
+            ManifestRow(
+                _dicom(d / name, seed, view),
+                "P2",
+                {"nodule": 0, "cardiomegaly": 0},
+                study_id="s2",
+                no_finding=True,
+            )
+            for name, seed, view in (("pa.dcm", 3, "PA"), ("lat.dcm", 4, "LL"))
         ),
         # s3: only a lateral view: not analysed
         ManifestRow(_dicom(d / "lat2.dcm", 5, "LL"), "P3", {"nodule": 1, "cardiomegaly": 0}),

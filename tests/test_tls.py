@@ -166,7 +166,7 @@ def test_outbound_tls_checks_the_host_name(tmp_path, pki):
 
 
 def test_check_hostname_off_needs_a_pinned_ca():
-    with pytest.raises(ValueError, match="check_hostname"):
+    with pytest.raises(ValueError, match="check_hostname: false needs ca"):
         TlsSection(enabled=True, check_hostname=False)
 
 
@@ -202,7 +202,7 @@ def test_a_client_certificate_is_tied_to_its_ae_title(tmp_path, pki):
 
 
 def test_certificate_cn_needs_node_tls_with_a_ca(tmp_path):
-    with pytest.raises(ValueError, match="certificate_cn"):
+    with pytest.raises(ValueError, match=r"certificate_cn needs node\.tls"):
         node_config(tmp_path, allowed_callers=[{"ae_title": "PACS", "certificate_cn": "pacs"}])
 
 

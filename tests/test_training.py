@@ -15,7 +15,7 @@ from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.model.decision import softmax
-from scxnn_node.model.member import NORMAL, OTHERS, TARGET
+from scxnn_node.model.result import NORMAL, OTHERS, TARGET
 from training.augment import AugmentSpec, augment_pair
 from training.config import TrainingConfig, training_config_from
 from training.dataset import ManifestEntry
@@ -250,7 +250,7 @@ def test_stage_one_starts_from_a_local_imagenet_file(tmp_path: Path):
     from safetensors.torch import save_file
     from torchvision.models import DenseNet
 
-    from scxnn_node.model.member import architecture
+    from scxnn_node.model.architectures import architecture
 
     spec = architecture("densenet_small")
     torch.manual_seed(1)

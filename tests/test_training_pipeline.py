@@ -19,8 +19,9 @@ from trainkit import FINDINGS, small_config_data
 
 from scxnn_node.imaging.decode import load_image
 from scxnn_node.imaging.preprocess import preprocess_image
-from scxnn_node.model.bundle import load_bundle, verify_bundle
+from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
+from scxnn_node.model.manifest import verify_bundle
 from training.cli import main as train_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from scxnn_node.atomic_file import write_atomically
 from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image, preprocess_mask
-from training.dataset import DatasetManifest, ManifestEntry, read_source_pixels
+from training.dataset import DatasetManifest, ManifestEntry
 from training.masks import is_rle, read_mask
+from training.source_images import read_source_pixels
 
 log = logging.getLogger(__name__)
 

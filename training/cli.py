@@ -15,12 +15,12 @@ import logging
 import sys
 
 from scxnn_node.config import ConfigError
-from scxnn_node.model.bundle import BundleError
+from scxnn_node.model.manifest import BundleError
 from scxnn_node.model.options import PRECISIONS
 from training.cache import CacheError
+from training.class_mapping import DatasetImportError
 from training.dataset import ManifestError
 from training.distributed import process_group
-from training.importers import DatasetImportError
 from training.member_training import TrainingInterrupted
 from training.run_layout import RunError
 

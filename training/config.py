@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scxnn_node.config import read_yaml_mapping, validated
 from scxnn_node.findings import THESIS_CATALOGUE, FindingCatalogue
 from scxnn_node.imaging.preprocess import PreprocessSpec
-from scxnn_node.model.member import ARCHITECTURES
+from scxnn_node.model.architectures import ARCHITECTURES
 from training.augment import AugmentSpec
 
 

@@ -18,7 +18,8 @@ unless absolute. Columns:
                   labels every catalogue finding absent); empty when the finding columns are
                   all the manifest claims to know
     study_id      optional: images of one study share it (evaluation reports per study, as
-                  the node triages); empty: the image is a study of its own
+                  the node triages: training/studies.py); empty: the image is a study of its
+                  own
 
 An image is abnormal when a finding is 1 or other_disease names a disease. It is normal only
 when no_finding is 1, or no_finding is empty and every finding column is 0; otherwise its
@@ -28,8 +29,8 @@ member's normal class).
 Two rows with the same file content are refused (the error names both rows): a copy of an
 image under another patient would straddle the patient-level split. Importers drop such copies
 with a warning (training/importers.py). Files are compared by size first and hashed only when
-sizes collide, so a large manifest is not read twice; empty files are left to the cache, which
-reports them as unreadable.
+sizes collide (training/file_content.py), so a large manifest is not read twice; empty files
+are left to the cache, which reports them as unreadable.
 
 Validation names the row and column of every problem it finds and reports them all at once.
 """
@@ -42,22 +43,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
-from PIL import Image
 
 from scxnn_node.atomic_file import write_atomically
 from scxnn_node.findings import THESIS_CATALOGUE
-from scxnn_node.imaging.decode import load_image, read_dataset
+from training.file_content import duplicate_content
 from training.masks import is_rle, mask_problem
+from training.source_images import image_shape
 
 SPLITS = ("train", "val", "test")
 LABEL_KINDS = ("hard", "weak")
-RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_PREFIX = "mask_"
 NO_FINDING = "no_finding"
 STUDY_ID = "study_id"
-_HASH_CHUNK = 1 << 20
 BASE_COLUMNS = (
     "image",
     "patient_id",
@@ -127,41 +125,6 @@ class ManifestEntry:
 
 
 @dataclass(frozen=True)
-class Study:
-    """The images of one study and its reference standard, merged over them: a finding is
-    present if any image shows it, absent if every image is known without it."""
-
-    study_id: str
-    entries: tuple[ManifestEntry, ...]
-
-    @property
-    def labels(self) -> dict[str, int | None]:
-        merged: dict[str, int | None] = {}
-        for finding in self.entries[0].labels:
-            values = [e.label(finding) for e in self.entries]
-            merged[finding] = 1 if 1 in values else 0 if all(v == 0 for v in values) else None
-        return merged
-
-    @property
-    def other_disease(self) -> str:
-        return "; ".join(sorted({e.other_disease for e in self.entries if e.other_disease}))
-
-    @property
-    def abnormal(self) -> int | None:
-        """1 if any image is abnormal, 0 if every image is normal, else None."""
-        values = [e.abnormal for e in self.entries]
-        return 1 if 1 in values else 0 if all(v == 0 for v in values) else None
-
-
-def group_studies(entries: Iterable[ManifestEntry]) -> list[Study]:
-    """Entries grouped by study, in the order each study first appears."""
-    groups: dict[str, list[ManifestEntry]] = {}
-    for e in entries:
-        groups.setdefault(e.study_key, []).append(e)
-    return [Study(key, tuple(members)) for key, members in groups.items()]
-
-
-@dataclass(frozen=True)
 class DatasetManifest:
     path: Path
     sha256: str
@@ -200,66 +163,6 @@ class DatasetManifest:
             assigned[p] = "train"
         entries = tuple(replace(e, split=assigned[e.patient_id]) for e in self.entries)
         return replace(self, entries=entries)
-
-
-def is_raster(path: Path) -> bool:
-    return path.suffix.lower() in RASTER_SUFFIXES
-
-
-def image_shape(path: Path) -> tuple[int, int]:
-    """(rows, columns) of an image file without decoding its pixels."""
-    if is_raster(path):
-        with Image.open(path) as im:
-            return im.height, im.width
-    ds = read_dataset(path)
-    return int(ds.Rows), int(ds.Columns)
-
-
-def read_source_pixels(path: Path) -> np.ndarray:
-    """Pixels of a DICOM (modality units, bone bright) or PNG/JPEG (colour made gray)."""
-    if not is_raster(path):
-        return load_image(path).pixels
-    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise ValueError(f"{path}: not a readable PNG/JPEG image")
-    if pixels.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if pixels.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        pixels = cv2.cvtColor(pixels, code)
-    return pixels
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def duplicate_content(paths: Sequence[Path]) -> list[tuple[int, int]]:
-    """(first, later) index pairs of files with identical bytes. Files are grouped by size and
-    hashed only where sizes collide; missing and empty files are left out."""
-    by_size: dict[int, list[int]] = {}
-    for i, path in enumerate(paths):
-        try:
-            size = path.stat().st_size
-        except OSError:
-            continue
-        if size:
-            by_size.setdefault(size, []).append(i)
-    pairs: list[tuple[int, int]] = []
-    for candidates in by_size.values():
-        if len(candidates) < 2:
-            continue
-        first_by_hash: dict[str, int] = {}
-        for i in candidates:
-            digest = file_sha256(paths[i])
-            if digest in first_by_hash:
-                pairs.append((first_by_hash[digest], i))
-            else:
-                first_by_hash[digest] = i
-    return sorted(pairs, key=lambda pair: pair[1])
 
 
 def _parse_no_finding(value: str) -> bool | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from scxnn_node.config import read_yaml_mapping
-from scxnn_node.model.bundle import Manifest
+from scxnn_node.model.manifest import Manifest
 from training.config import training_config_from
 from training.export import export_bundle
 from training.fit import fit_run

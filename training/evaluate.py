@@ -38,17 +38,11 @@ from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.options import EngineOptions
 from scxnn_node.model.result import MEMBER_CLASSES, TARGET, MemberCall, StudyResult
 from training.cache import build_cache
-from training.dataset import (
-    SPLITS,
-    DatasetManifest,
-    ManifestError,
-    Study,
-    group_studies,
-    load_manifest,
-)
+from training.dataset import SPLITS, DatasetManifest, ManifestError, load_manifest
 from training.metrics import EvaluationInputs, StudyCall, study_metrics, triage_metrics
 from training.provenance import PROVENANCE_FILE, bundle_provenance
 from training.reliability_figure import write_reliability_diagram
+from training.studies import Study, group_studies
 from training.study_triage import triage_studies
 from training.temperature import expected_calibration_error, member_reliability
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from scxnn_node.model.bundle import (
+from scxnn_node.model.bundle import write_bundle
+from scxnn_node.model.manifest import (
+    MODEL_CARD_FILE,
     NOT_FOR_CLINICAL_USE,
     BundleError,
     Manifest,
@@ -29,9 +31,7 @@ from scxnn_node.model.bundle import (
     TrainingData,
     read_manifest,
     utc_now_iso,
-    write_bundle,
 )
-from scxnn_node.model.manifest import MODEL_CARD_FILE
 from scxnn_node.model.safety_net import CriticalSafetyNet
 from scxnn_node.model.temperature import temperatures_from_dict, temperatures_to_dict
 from training.config import load_training_config

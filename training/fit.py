@@ -26,8 +26,9 @@ import torch.distributed as dist
 import yaml
 
 from scxnn_node.atomic_file import write_text_atomically
-from scxnn_node.model.bundle import utc_now_iso
+from scxnn_node.model.decision import abnormality_scores
 from scxnn_node.model.fused import FusedMember
+from scxnn_node.model.manifest import utc_now_iso
 from scxnn_node.model.member import MemberNet
 from scxnn_node.model.second_stage import SvmSecondStage
 from scxnn_node.model.temperature import temperatures_to_dict
@@ -339,7 +340,7 @@ def fit_second_stage_for_run(
         EvaluationInputs(
             findings=config.catalogue,
             logits=cal_logits,
-            scores=result.second_stage.decision_function(cal_logits.reshape(len(cal_val), -1)),
+            scores=abnormality_scores(result.second_stage, cal_logits),
             threshold=result.operating_point.threshold,
             labels=[e.labels for e in cal_val],
             abnormal=[e.abnormal for e in cal_val],

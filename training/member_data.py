@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scxnn_node.model.member import TARGET
+from scxnn_node.model.result import TARGET
 from training.augment import AugmentSpec, augment_pair
 from training.cache import CachedImage
 from training.config import TrainingConfig
@@ -112,23 +112,15 @@ def build_plans(
                 out.append(MemberItem(cached[e.row], label))
         return out
 
-    tc = config.training
     val_items = items(val, lambda e: True)
+
+    def stage(kind: str, max_epochs: int, with_recon: bool, train_encoder: bool) -> StagePlan:
+        """The stage named after, and training on, the images of one label kind."""
+        train_items = items(train, lambda e: e.label_kind == kind)
+        return StagePlan(kind, train_items, val_items, max_epochs, with_recon, train_encoder)
+
+    tc = config.training
     return [
-        StagePlan(
-            "hard",
-            items(train, lambda e: e.label_kind == "hard"),
-            val_items,
-            tc.hard.max_epochs,
-            with_recon=True,
-            train_encoder=True,
-        ),
-        StagePlan(
-            "weak",
-            items(train, lambda e: e.label_kind == "weak"),
-            val_items,
-            tc.weak.max_epochs,
-            with_recon=False,
-            train_encoder=tc.weak.train_encoder,
-        ),
+        stage("hard", tc.hard.max_epochs, with_recon=True, train_encoder=True),
+        stage("weak", tc.weak.max_epochs, with_recon=False, train_encoder=tc.weak.train_encoder),
     ]

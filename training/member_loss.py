@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scxnn_node.model.member import MEMBER_CLASSES
+from scxnn_node.model.result import MEMBER_CLASSES
 
 
 def multitask_loss(

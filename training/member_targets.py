@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from scxnn_node.model.member import NORMAL, OTHERS, TARGET
+from scxnn_node.model.result import NORMAL, OTHERS, TARGET
 from training.dataset import ManifestEntry
 
 

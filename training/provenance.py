@@ -20,9 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scxnn_node.model.bundle import Bundle, BundleError
-from scxnn_node.model.manifest import verified_bytes
-from training.dataset import ManifestEntry, ManifestError, file_sha256, load_manifest
+from scxnn_node.model.bundle import Bundle
+from scxnn_node.model.manifest import BundleError, verified_bytes
+from training.dataset import ManifestEntry, ManifestError, load_manifest
+from training.file_content import file_sha256
 from training.run_layout import RESOLVED_MANIFEST
 
 PROVENANCE_FILE = "training/provenance.json"

@@ -10,6 +10,7 @@ from scipy.stats import beta, binom
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from scxnn_node.model.decision import second_stage_features
 from scxnn_node.model.manifest import OperatingPoint
 from scxnn_node.model.second_stage import SvmSecondStage
 
@@ -23,8 +24,9 @@ def fit_second_stage(
     c: float = 1.0,
     class_weight: str | dict[int, float] | None = "balanced",
 ) -> SvmSecondStage:
-    """SVM separating normal (0) from abnormal (1) on flattened (N, n_members * 3) logits."""
-    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    """SVM separating normal (0) from abnormal (1) on (N, n_members, 3) logits, flattened as
+    the node flattens them (or already flattened, (N, n_members * 3))."""
+    x = second_stage_features(np.asarray(logits, dtype=np.float64))
     y = np.asarray(abnormal).astype(int)
     if set(np.unique(y)) != {0, 1}:
         raise ValueError("the second stage needs both normal and abnormal validation cases")

@@ -20,7 +20,9 @@ from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.result import StudyResult
 from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
 from training.cache import CachedImage
-from training.dataset import ManifestEntry, Study, is_raster
+from training.dataset import ManifestEntry
+from training.source_images import is_raster
+from training.studies import Study
 
 
 def instance_for(

@@ -14,15 +14,8 @@ import torch
 
 from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.imaging.preprocess import PreprocessSpec
-from scxnn_node.model.bundle import (
-    Bundle,
-    Manifest,
-    OperatingPoint,
-    TrainingData,
-    load_bundle,
-    utc_now_iso,
-    write_bundle,
-)
+from scxnn_node.model.bundle import Bundle, load_bundle, write_bundle
+from scxnn_node.model.manifest import Manifest, OperatingPoint, TrainingData, utc_now_iso
 from scxnn_node.model.member import MemberNet
 from scxnn_node.model.second_stage import SvmSecondStage
 from training.second_stage_fit import fit_second_stage

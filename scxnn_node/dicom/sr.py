@@ -4,6 +4,15 @@ Content: one measurement group (TID 1501) that names the algorithm (bundle name 
 references the analysed images, and holds the verdict, the risk tier, each finding's call as a
 qualitative evaluation and its target probability and the abnormality score as measurements.
 Codes outside SNOMED CT / DCM use the private scheme 99SCXNN (documented in README).
+
+A finding's evaluation is what its study reports (StudyResult.reported_call), never a raw member
+call that contradicts the verdict: Present (SNOMED 52101004) only in an abnormal study; in a
+definite-normal study a member that said target or other disease is recorded as "Below study
+operating point" (99SCXNN), since the study as a whole is below the threshold, while its target
+probability stays as a measurement; in an abnormal study a critical finding the safety net
+fired on, though its member did not say target, is "Flagged by critical safety net". A result
+analysed without images whose files retention purged says so in a TEXT item ("Not analysed: N
+earlier image(s) no longer held by the node").
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from pydicom.valuerep import validate_value
 from scxnn_node import __version__
 from scxnn_node.findings import PRIVATE_SCHEME, SNOMED_SCHEME
 from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE
-from scxnn_node.model.result import MemberCall, StudyResult, Verdict
+from scxnn_node.model.result import ReportedCall, StudyResult, Verdict
 from scxnn_node.store.results import SrReference
 
 MANUFACTURER = "scxnn-node"
@@ -43,10 +52,27 @@ RISK_TIER = Code("SCXNN-RISK-TIER", PRIVATE_SCHEME, "Risk tier")
 ABNORMALITY_SCORE = Code("SCXNN-SCORE", PRIVATE_SCHEME, "Abnormality score")
 OPERATING_THRESHOLD = Code("SCXNN-THRESHOLD", PRIVATE_SCHEME, "Operating threshold")
 OTHER_DISEASE = Code("SCXNN-OTHER-DISEASE", PRIVATE_SCHEME, "Other disease")
+BELOW_OPERATING_POINT = Code("SCXNN-BELOW-OP", PRIVATE_SCHEME, "Below study operating point")
+SAFETY_NET_FLAGGED = Code("SCXNN-SAFETY-NET", PRIVATE_SCHEME, "Flagged by critical safety net")
+#: The qualitative value each reported call is written as.
+REPORTED_VALUES = {
+    ReportedCall.TARGET: PRESENT,
+    ReportedCall.NORMAL: ABSENT,
+    ReportedCall.OTHERS: OTHER_DISEASE,
+    ReportedCall.BELOW_OPERATING_POINT: BELOW_OPERATING_POINT,
+    ReportedCall.SAFETY_NET: SAFETY_NET_FLAGGED,
+}
+NOT_ANALYSED_IMAGES = Code("SCXNN-NOT-ANALYSED", PRIVATE_SCHEME, "Images not analysed")
 
 
 def tier_code(tier: str) -> Code:
     return Code(f"SCXNN-TIER-{tier.upper()}", PRIVATE_SCHEME, tier.replace("_", "-").title())
+
+
+def purged_note(result: StudyResult) -> str | None:
+    """The line every output carries when images of the study were purged before analysis."""
+    n = len(result.purged_instances)
+    return f"Not analysed: {n} earlier image(s) no longer held by the node" if n else None
 
 
 def series_description(result: StudyResult, demo: bool) -> str:
@@ -138,9 +164,7 @@ def build_triage_sr(
     ]
     for finding in result.findings:
         code = Code(*finding_codes[finding.name])
-        value = {MemberCall.TARGET: PRESENT, MemberCall.NORMAL: ABSENT}.get(
-            finding.call, OTHER_DISEASE
-        )
+        value = REPORTED_VALUES[result.reported_call(finding)]
         evaluations.append(hd.sr.QualitativeEvaluation(code, value))
         measurements.append(
             hd.sr.Measurement(code, round(float(finding.probabilities["target"]), 6), UNITLESS)
@@ -154,6 +178,15 @@ def build_triage_sr(
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
     )
+    note = purged_note(result)
+    if note:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=NOT_ANALYSED_IMAGES,
+                value=note,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

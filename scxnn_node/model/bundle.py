@@ -16,6 +16,7 @@ model/manifest.py.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,19 +35,14 @@ from scxnn_node.model.manifest import (
     member_file,
     read_manifest,
     sha256_bytes,
+    tier_differences,
     verified_bytes,
 )
-
-# `X as X`: re-exported for training/ and node.py, which import these from here; they are
-# defined without torch in model/manifest.py.
-from scxnn_node.model.manifest import NOT_FOR_CLINICAL_USE as NOT_FOR_CLINICAL_USE
-from scxnn_node.model.manifest import OperatingPoint as OperatingPoint
-from scxnn_node.model.manifest import TrainingData as TrainingData
-from scxnn_node.model.manifest import utc_now_iso as utc_now_iso
-from scxnn_node.model.manifest import verify_bundle as verify_bundle
 from scxnn_node.model.safety_net import SAFETY_NET_FILE, CriticalSafetyNet
 from scxnn_node.model.second_stage import SvmSecondStage
 from scxnn_node.model.temperature import TEMPERATURES_FILE, temperatures_from_dict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,7 +120,9 @@ def write_bundle(
 
 
 def load_bundle(bundle_dir: str | Path) -> Bundle:
-    """Verify and load a bundle; each file is hashed from the same bytes that are then parsed."""
+    """Verify and load a bundle; each file is hashed from the same bytes that are then parsed.
+    A finding whose recorded tier differs from the current catalogue is served as recorded,
+    with a warning."""
     root = Path(bundle_dir)
     manifest = read_manifest(root)
     check_file_set(root, manifest)
@@ -167,4 +165,6 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     for rel in manifest.files:  # any other listed file must also be intact
         if rel != SECOND_STAGE_FILE and not rel.startswith("members/"):
             verified_bytes(root, rel, manifest)
+    for warning in tier_differences(manifest):
+        log.warning("%s", warning)
     return Bundle(root, manifest, stage, weights, temperatures, safety_net)

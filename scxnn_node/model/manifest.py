@@ -2,7 +2,10 @@
 without torch.
 
 `verify_bundle` hashes every file a manifest lists and refuses a missing, altered or unlisted
-one, naming it; loading the weights themselves is model/bundle.py's job.
+one, naming it; loading the weights themselves is model/bundle.py's job. A bundle's finding tiers
+are data: one made before the catalogue changed a tier (earlier bundles call atelectasis non-urgent)
+is served with the tiers it records, and `tier_differences` names each such finding so that the
+CLI and the node can warn about it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scxnn_node.findings import FindingCatalogue
+from scxnn_node.findings import THESIS_CATALOGUE, FindingCatalogue
 from scxnn_node.imaging.preprocess import PreprocessSpec
 from scxnn_node.model.architectures import architecture
 from scxnn_node.model.result import BundleIdentity
@@ -259,6 +262,21 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
     for rel in sorted(manifest.files):
         verified_bytes(root, rel, manifest)
     return manifest
+
+
+def tier_differences(
+    manifest: Manifest, catalogue: FindingCatalogue = THESIS_CATALOGUE
+) -> list[str]:
+    """One warning per finding whose tier in the bundle differs from the current catalogue's
+    (findings the catalogue lacks are the bundle's own and not compared)."""
+    current = {f.name: f.tier for f in catalogue}
+    return [
+        f"bundle {manifest.name} {manifest.version}: finding {f.name} has tier {f.tier.value} in "
+        f"the bundle but {current[f.name].value} in the current catalogue; served as recorded "
+        "(a bundle's tiers are data: export a new bundle to serve the current tiers)"
+        for f in manifest.findings
+        if f.name in current and current[f.name] is not f.tier
+    ]
 
 
 def utc_now_iso() -> str:

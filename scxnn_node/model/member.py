@@ -14,14 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 
-# `X as X`: re-exported for training/, which imports these from here; they are defined
-# without torch in model/architectures.py and model/result.py.
-from scxnn_node.model.architectures import ARCHITECTURES as ARCHITECTURES
 from scxnn_node.model.architectures import ArchitectureSpec, architecture
-from scxnn_node.model.result import MEMBER_CLASSES as MEMBER_CLASSES
-from scxnn_node.model.result import NORMAL as NORMAL
-from scxnn_node.model.result import OTHERS as OTHERS
-from scxnn_node.model.result import TARGET as TARGET
+from scxnn_node.model.result import MEMBER_CLASSES
 
 # Single-channel input statistics: ImageNet's mean/std averaged over RGB.
 _GRAY_MEAN = 0.449

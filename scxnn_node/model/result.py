@@ -30,6 +30,21 @@ class MemberCall(StrEnum):
     OTHERS = "others"
 
 
+class ReportedCall(StrEnum):
+    """What every output (JSON, SR, summary image) says of one finding of an analysed study:
+    the member's call, overruled where it would contradict the study's verdict."""
+
+    NORMAL = "normal"
+    TARGET = "target"  # present: only ever in an abnormal study
+    OTHERS = "others"
+    # Definite normal: the member said target or others, but the study as a whole is below the
+    # operating point (and no safety-net rule fired), so nothing is reported present.
+    BELOW_OPERATING_POINT = "below_operating_point"
+    # Abnormal: the critical safety net flagged the finding although its member did not say
+    # target.
+    SAFETY_NET = "safety_net"
+
+
 @dataclass(frozen=True)
 class BundleIdentity:
     name: str
@@ -60,18 +75,23 @@ class FindingResult:
                 f"FindingResult.probabilities of {self.name!r} must sum to 1, got {total:.4f}"
             )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, reported: ReportedCall | None = None) -> dict[str, Any]:
+        """`reported`: the call its study reports (StudyResult.reported_call); the member's
+        own call when None."""
         return {
             "name": self.name,
             "tier": self.tier.value,
-            "call": self.call.value,
+            "call": (reported or self.call).value,
             "probabilities": {k: round(float(self.probabilities[k]), 6) for k in MEMBER_CLASSES},
         }
 
 
 @dataclass(frozen=True)
 class StudyResult:
-    """The triage of one study. `reason` explains not_analysed, or notes doubts (unknown view)."""
+    """The triage of one study. `reason` explains not_analysed, or notes doubts (unknown view).
+
+    It owns the rule every output follows: a finding is reported present (flagged) only in an
+    abnormal study (`reported_call`, `flagged_findings`)."""
 
     study_instance_uid: str
     verdict: Verdict
@@ -84,6 +104,9 @@ class StudyResult:
     analysed_instances: tuple[str, ...] = ()
     # Critical findings whose safety-net rule fired (each makes the study abnormal).
     safety_net_fired: tuple[str, ...] = ()
+    # Instances of the study whose files retention purged before this analysis: the result
+    # is of the others (a late instance amending a study reported long ago).
+    purged_instances: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.verdict is Verdict.NOT_ANALYSED:
@@ -108,10 +131,26 @@ class StudyResult:
         if self.safety_net_fired and self.verdict is not Verdict.ABNORMAL:
             raise ValueError("StudyResult.safety_net_fired makes the verdict abnormal")
 
+    def reported_call(self, finding: FindingResult) -> ReportedCall:
+        """What the outputs say of `finding`, consistent with the verdict: in a definite-normal
+        study no finding is present (a member's target or others call is below the operating
+        point); in an abnormal one a finding the safety net fired on is flagged."""
+        if self.verdict is Verdict.DEFINITE_NORMAL and finding.call is not MemberCall.NORMAL:
+            return ReportedCall.BELOW_OPERATING_POINT
+        if (
+            self.verdict is Verdict.ABNORMAL
+            and finding.call is not MemberCall.TARGET
+            and finding.name in self.safety_net_fired
+        ):
+            return ReportedCall.SAFETY_NET
+        return ReportedCall(finding.call.value)
+
     @property
     def flagged_findings(self) -> list[FindingResult]:
-        """Findings called target, most urgent tier first, then most probable."""
-        hits = [f for f in self.findings if f.call is MemberCall.TARGET]
+        """Findings reported present or flagged by the safety net, most urgent tier first, then
+        most probable; empty unless the study is abnormal."""
+        flagged = (ReportedCall.TARGET, ReportedCall.SAFETY_NET)
+        hits = [f for f in self.findings if self.reported_call(f) in flagged]
         return sorted(hits, key=lambda f: (f.tier.rank, -f.probabilities["target"]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +164,7 @@ class StudyResult:
                 None if self.abnormality_score is None else round(self.abnormality_score, 6)
             ),
             "threshold": None if self.threshold is None else round(self.threshold, 6),
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": [f.to_dict(self.reported_call(f)) for f in self.findings],
             "bundle": self.bundle.to_dict(),
             "safety_net_fired": list(self.safety_net_fired),
         }

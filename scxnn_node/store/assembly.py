@@ -80,9 +80,12 @@ def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: st
     with db.session() as session:
         studies = (
             session.execute(
-                select(Study).where(
-                    Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
-                )
+                select(Study)
+                .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+                # Locked, and re-checked on PostgreSQL against a C-STORE committed meanwhile:
+                # otherwise writing `queued` would overwrite its `receiving` (a lost update)
+                # and its instance would miss the job. SQLite's BEGIN IMMEDIATE serialises.
+                .with_for_update(skip_locked=True)
             )
             .scalars()
             .all()

@@ -158,7 +158,8 @@ class Auditor:
     """Checks the node's state against the rules, from outside:
     - every acknowledged instance has its row, and the row's spool file holds that instance;
     - every study with analysable instances is reported, with a current result for exactly
-      the instances it holds (never left receiving or queued, never given up as failed);
+      the instances it holds, unusable or skipped ones aside (never left receiving or
+      queued, never given up as failed);
     - one result per (study, instance set, bundle), made under a live lease by that bundle;
     - the outbox files, the database and the PACS name the same SR and summary UIDs.
     """
@@ -249,9 +250,14 @@ class Auditor:
         studies = {r["study_instance_uid"]: r for r in self.db.rows("SELECT * FROM studies")}
         jobs = self.db.rows("SELECT * FROM jobs ORDER BY id")
         stored: dict[str, set[str]] = defaultdict(set)
+        # A job may hold instances its worker then marked unusable (or a filter skipped): they
+        # are covered by it without being stored ones.
+        excused: dict[str, set[str]] = defaultdict(set)
         for row in instances.values():
             if row["state"] == InstanceState.STORED:
                 stored[row["study_instance_uid"]].add(row["sop_instance_uid"])
+            elif row["state"] in (InstanceState.UNUSABLE, InstanceState.SKIPPED):
+                excused[row["study_instance_uid"]].add(row["sop_instance_uid"])
         done_sets: dict[str, list[set[str]]] = defaultdict(list)
         last_job: dict[str, dict[str, Any]] = {}
         for job in jobs:
@@ -274,7 +280,10 @@ class Auditor:
                 found.add("failed", f"study {_short(study_uid)} given up ({why})")
             elif state != StudyState.REPORTED:
                 found.add("stuck", f"study {_short(study_uid)} left {state} ({why})")
-            elif stored[study_uid] not in done_sets.get(study_uid, []):
+            elif not any(
+                done - excused[study_uid] == stored[study_uid]
+                for done in done_sets.get(study_uid, [])
+            ):
                 covered = max((len(s & stored[study_uid]) for s in done_sets[study_uid]), default=0)
                 found.add(
                     "stuck",
