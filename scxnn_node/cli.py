@@ -323,6 +323,9 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         except KeyError as exc:
             print(f"scxnn-node: {exc.args[0]}", file=sys.stderr)
             return 2
+        if destination.kind != "dicom":
+            print(f"scxnn-node: {args.destination} is not a DICOM destination", file=sys.stderr)
+            return 2
         ok, message = echo(Peer.of(destination), config.node.ae_title)
         print(
             f"C-ECHO {destination.name} ({destination.ae_title}@{destination.host}:"

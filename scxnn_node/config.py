@@ -17,14 +17,18 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from scxnn_node.findings import RiskTier
 from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, SelectionPolicy
 from scxnn_node.model.options import check_backend, check_device, check_precision
+from scxnn_node.model.result import UNSPECIFIED_TIER
 
 ENV_PREFIX = "SCXNN__"
 _M = TypeVar("_M", bound="BaseModel")
@@ -136,13 +140,71 @@ class FiltersSection(_Section):
     views: list[str] = Field(default_factory=lambda: sorted(DEFAULT_VIEWS), min_length=1)
 
 
-class Destination(_Section):
+class DicomDestination(_Section):
+    """A DICOM peer (PACS, viewer) that receives the SR and summary image by C-STORE."""
+
+    kind: Literal["dicom"] = "dicom"
     name: str
     ae_title: AeTitle
     host: str
     port: int = Field(ge=1, le=65535)
     outputs: list[Literal["sr", "summary"]] = Field(default_factory=lambda: ["sr", "summary"])
     tls: TlsSection = Field(default_factory=TlsSection)
+
+
+#: What each worklist priority is in HL7 (table 0027: S, A, R).
+Hl7Priority = Literal["stat", "asap", "routine"]
+_TIER_NAMES = frozenset({t.value for t in RiskTier} | {UNSPECIFIED_TIER})
+
+
+class Hl7Destination(_Section):
+    """A RIS that receives every analysed result as an HL7 v2.5.1 ORU^R01 over MLLP."""
+
+    kind: Literal["hl7"]
+    name: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "SCXNN"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    ack_timeout_seconds: float = Field(default=30.0, gt=0)  # no ACK by then: a failed attempt
+    # The order priority a worklist sorts by, per risk tier; a tier not named here (and a
+    # definite-normal study) gets default_priority.
+    priorities: dict[str, Hl7Priority] = Field(
+        default_factory=lambda: {"critical": "stat", "urgent": "asap"}
+    )
+    default_priority: Hl7Priority = "routine"
+    tls: TlsSection = Field(default_factory=TlsSection)
+
+    @field_validator("priorities")
+    @classmethod
+    def _known_tiers(cls, value: dict[str, Hl7Priority]) -> dict[str, Hl7Priority]:
+        unknown = sorted(set(value) - _TIER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown risk tier(s) {unknown}; known: {sorted(_TIER_NAMES)}")
+        return value
+
+    def priority(self, risk_tier: str | None) -> Hl7Priority:
+        return self.priorities.get(risk_tier or "", self.default_priority)
+
+
+def _destination_kind(value: Any) -> str:
+    """`kind` of a destination, raw or validated; absent means dicom (the original kind)."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+_DESTINATION_KINDS = ("dicom", "hl7")  # the union's tags, left out of the keys errors name
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[Hl7Destination, Tag("hl7")],
+    Discriminator(
+        _destination_kind,
+        custom_error_type="destination_kind",
+        custom_error_message="kind must be dicom (the default) or hl7",
+    ),
+]
 
 
 class DeliverySection(_Section):
@@ -263,7 +325,7 @@ def validated(model: type[_M], raw: dict[str, Any], label: str) -> _M:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            key = ".".join(str(p) for p in err["loc"] if p not in _DESTINATION_KINDS)
             message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {message}")
         raise ConfigError(f"{label}: " + "; ".join(problems)) from None

@@ -1,5 +1,6 @@
-"""Delivery of results: the dispatcher claims due deliveries under a lease and sends each; a
-failure is retried with backoff or dead-lettered, and fails only its own delivery."""
+"""Delivery of results: the dispatcher claims due deliveries under a lease and sends each with
+the sender of its destination's kind (DICOM C-STORE, HL7 over MLLP); a failure is retried with
+backoff or dead-lettered, and fails only its own delivery."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import socket
 import uuid
 from collections import defaultdict
 from datetime import timedelta
+from typing import Protocol
 
-from scxnn_node.config import NodeConfig
-from scxnn_node.dicom.scu import Peer, is_success, send_files
+from scxnn_node.config import DicomDestination, Hl7Destination, NodeConfig
+from scxnn_node.dicom.scu import Peer, client_ssl_context, is_success, send_files
+from scxnn_node.hl7.mllp import exchange
+from scxnn_node.hl7.oru import ack_failure, control_id_of
 from scxnn_node.store.db import Database
+from scxnn_node.store.models import OutputKind
 from scxnn_node.store.results import (
     Attempt,
     DueDelivery,
@@ -23,6 +28,64 @@ from scxnn_node.store.results import (
 from scxnn_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
+
+
+class Sender(Protocol):
+    """Sends one destination's due deliveries: an attempt per item, never an exception."""
+
+    def send(self, items: list[DueDelivery]) -> list[Attempt]: ...
+
+
+class DicomSender:
+    """C-STORE of the SR and summary image, all items over one association."""
+
+    def __init__(self, destination: DicomDestination, calling_ae: str, spool: Spool) -> None:
+        self.peer = Peer.of(destination)
+        self.calling_ae = calling_ae
+        self.spool = spool
+
+    def send(self, items: list[DueDelivery]) -> list[Attempt]:
+        try:
+            statuses = send_files(
+                self.peer, self.calling_ae, [self.spool.absolute(d.path) for d in items]
+            )
+        except Exception as exc:  # e.g. an unreadable file: it must not fail the others
+            if len(items) > 1:
+                return [attempt for d in items for attempt in self.send([d])]
+            return [Attempt(items[0].id, f"{type(exc).__name__}: {exc}")]
+        error = "association failed" if all(s is None for s in statuses) else None
+        return [
+            Attempt(d.id, _failure(status, error))
+            for d, status in zip(items, statuses, strict=True)
+        ]
+
+
+class Hl7Sender:
+    """The ORU^R01 messages the worker wrote, over one MLLP connection; a message is sent
+    when the RIS's ACK accepts it (AA or CA), and anything else is a failed attempt."""
+
+    def __init__(self, destination: Hl7Destination, spool: Spool) -> None:
+        self.destination = destination
+        self.spool = spool
+
+    def send(self, items: list[DueDelivery]) -> list[Attempt]:
+        d = self.destination
+        try:
+            messages = [self.spool.absolute(item.path).read_bytes() for item in items]
+            context = client_ssl_context(d.tls)
+        except Exception as exc:  # an unreadable file or certificate: as the DICOM sender
+            if len(items) > 1:
+                return [attempt for item in items for attempt in self.send([item])]
+            return [Attempt(items[0].id, f"{type(exc).__name__}: {exc}")]
+        replies = exchange(d.host, d.port, messages, d.ack_timeout_seconds, context)
+        attempts = []
+        for item, message, reply in zip(items, messages, replies, strict=True):
+            if reply.content is None:
+                failure = reply.error or "no ACK"
+            else:
+                failure = ack_failure(reply.content, control_id_of(message))
+            attempts.append(Attempt(item.id, failure))
+        return attempts
 
 
 class Dispatcher:
@@ -56,24 +119,30 @@ class Dispatcher:
         return sent
 
     def _send(self, destination: str, items: list[DueDelivery]) -> list[Attempt]:
-        """One association to `destination` for all of `items`; an attempt per item."""
+        """All of `items` to `destination` by the sender of its kind; an attempt per item."""
         try:
-            peer = Peer.of(self.config.destination(destination))
+            config = self.config.destination(destination)
         except KeyError as exc:  # removed from the config while deliveries waited
             return [Attempt(d.id, str(exc.args[0]), final=True) for d in items]
-        try:
-            statuses = send_files(
-                peer, self.config.node.ae_title, [self.spool.absolute(d.path) for d in items]
-            )
-        except Exception as exc:  # e.g. an unreadable file: it must not fail the others
-            if len(items) > 1:
-                return [attempt for d in items for attempt in self._send(destination, [d])]
-            return [Attempt(items[0].id, f"{type(exc).__name__}: {exc}")]
-        error = "association failed" if all(s is None for s in statuses) else None
-        return [
-            Attempt(d.id, _failure(status, error))
-            for d, status in zip(items, statuses, strict=True)
+        # A destination whose kind changed while deliveries waited cannot take their files.
+        fits = [d for d in items if (d.kind == OutputKind.HL7) == (config.kind == "hl7")]
+        misfits = [
+            Attempt(d.id, f"a {d.kind} output cannot go to {config.kind} destination", final=True)
+            for d in items
+            if d not in fits
         ]
+        if not fits:
+            return misfits
+        sender: Sender = (
+            Hl7Sender(config, self.spool)
+            if isinstance(config, Hl7Destination)
+            else DicomSender(config, self.config.node.ae_title, self.spool)
+        )
+        try:
+            return misfits + sender.send(fits)
+        except Exception as exc:  # a sender's bug fails its deliveries, not the dispatcher
+            log.exception("sending to %s failed", destination)
+            return misfits + [Attempt(d.id, f"{type(exc).__name__}: {exc}") for d in fits]
 
     def _record(self, attempts: list[Attempt]) -> int:
         if not attempts:

@@ -105,6 +105,8 @@ class Node:
 
     def start(self) -> None:
         for destination in self.config.destinations:
+            if destination.kind != "dicom":  # HL7 has no echo; its first result shows the way
+                continue
             ok, message = echo(Peer.of(destination), self.config.node.ae_title, timeout=5)
             log_fn = log.info if ok else log.warning
             log_fn(

@@ -19,13 +19,15 @@ import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from scxnn_node.config import NodeConfig
+from scxnn_node.config import Hl7Destination, NodeConfig
 from scxnn_node.dicom.sr import build_triage_sr
 from scxnn_node.dicom.summary import build_summary_image
+from scxnn_node.hl7.oru import StudyHeaders, build_oru
 from scxnn_node.imaging.decode import ImageRejected, read_dataset
 from scxnn_node.logs import short_hash
 from scxnn_node.model.bundle import Bundle, load_bundle
@@ -107,7 +109,11 @@ class TriageWorker:
         self.finding_codes = {
             f.name: (f.code.value, f.code.scheme, f.code.meaning) for f in self.manifest.findings
         }
-        self.destinations = {d.name: list(d.outputs) for d in config.destinations}
+        self.destinations = {
+            d.name: [OutputKind.HL7] if isinstance(d, Hl7Destination) else list(d.outputs)
+            for d in config.destinations
+        }
+        self.hl7_destinations = [d for d in config.destinations if isinstance(d, Hl7Destination)]
         self.stop_requested = threading.Event()  # run() replaces it with its stop event
         self._lease: _Lease | None = None
 
@@ -288,17 +294,35 @@ class TriageWorker:
         )
         attempt = uuid.uuid4().hex[:16]
         paths: dict[str, str] = {}
+        hl7_paths: dict[str, str] = {}
         try:
             for kind, dataset in ((OutputKind.SR, sr), (OutputKind.SUMMARY, summary)):
                 paths[kind] = self.spool.outbox_path(job.id, attempt, kind)
                 self.spool.write_durably(paths[kind], _encode(dataset))
+            study = StudyHeaders.of(analysed[0].header)  # type: ignore[arg-type]
+            for index, destination in enumerate(self.hl7_destinations):
+                message = build_oru(
+                    result,
+                    study,
+                    destination,
+                    model_name=self.manifest.name,
+                    model_version=self.manifest.version,
+                    finding_codes=self.finding_codes,
+                    control_id=uuid.uuid4().hex[:20],
+                    amended=predecessor is not None,
+                    now=datetime.now(UTC),
+                )
+                # One message per HL7 destination (its MSH names the destination's parties).
+                rel = self.spool.outbox_path(job.id, attempt, f"{OutputKind.HL7}-{index}")
+                hl7_paths[destination.name] = rel.removesuffix(".dcm") + ".hl7"
+                self.spool.write_durably(hl7_paths[destination.name], message)
         except BaseException:
-            self._remove(paths.values())
+            self._remove([*paths.values(), *hl7_paths.values()])
             raise
         reference = SrReference(
             sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID
         )
-        return JobOutputs(reference, summary_series_uid, summary_uid, paths)
+        return JobOutputs(reference, summary_series_uid, summary_uid, paths, hl7_paths)
 
     def _finish(self, job: ClaimedJob, triaged: Triaged) -> None:
         self._checkpoint()
@@ -323,7 +347,7 @@ class TriageWorker:
                 mark_study_reported(session, job.study_instance_uid)
                 mark_instances_unusable(session, triaged.unusable)
         except BaseException:
-            self._remove(outputs.paths.values() if outputs else ())
+            self._remove(outputs.all_paths if outputs else ())
             raise
 
     def _remove(self, paths: Iterable[str]) -> None:

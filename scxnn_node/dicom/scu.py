@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE, Association
 
-from scxnn_node.config import Destination, TlsSection
+from scxnn_node.config import DicomDestination, TlsSection
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Peer:
     tls: TlsSection | None = None
 
     @classmethod
-    def of(cls, destination: Destination) -> Peer:
+    def of(cls, destination: DicomDestination) -> Peer:
         return cls(destination.ae_title, destination.host, destination.port, destination.tls)
 
 

@@ -56,6 +56,7 @@ class OutputKind(StrEnum):
 
     SR = "sr"
     SUMMARY = "summary"
+    HL7 = "hl7"  # an ORU^R01, to a destination of kind hl7 (one file per such destination)
 
 
 class Base(DeclarativeBase):

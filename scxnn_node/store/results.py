@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from scxnn_node.logs import redact, short_hash
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery, DeliveryState, Event, Result
+from scxnn_node.store.models import Delivery, DeliveryState, Event, OutputKind, Result
 from scxnn_node.store.queue import ClaimedJob
 from scxnn_node.store.retention import purged_instances
 
@@ -53,6 +53,16 @@ class JobOutputs:
     summary_series_instance_uid: str
     summary_sop_instance_uid: str
     paths: Mapping[str, str]  # OutputKind -> spool-relative path
+    # HL7 destination -> its ORU^R01 (the message names the destination's applications).
+    hl7_paths: Mapping[str, str] = field(default_factory=dict)
+
+    def path(self, destination: str, kind: str) -> str:
+        """The file a delivery of `kind` to `destination` sends."""
+        return self.hl7_paths[destination] if kind == OutputKind.HL7 else self.paths[kind]
+
+    @property
+    def all_paths(self) -> list[str]:
+        return [*self.paths.values(), *self.hl7_paths.values()]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class DueDelivery:
     id: int
     destination: str
     path: str  # relative to the spool directory; empty once retention purged it
+    kind: str = "sr"  # OutputKind: what the file is (an HL7 message goes only to an HL7 peer)
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,7 @@ def record_result(
                         result_id=row.id,
                         destination=destination,
                         kind=kind,
-                        path=outputs.paths[kind],
+                        path=outputs.path(destination, kind),
                         state=DeliveryState.PENDING,
                         attempts=0,
                         next_attempt_at=now,
@@ -196,7 +207,7 @@ def claim_due_deliveries(
             .values(lease_owner=owner, lease_expires_at=now + lease)
         )
         rows = session.execute(
-            select(Delivery.id, Delivery.destination, Delivery.path)
+            select(Delivery.id, Delivery.destination, Delivery.path, Delivery.kind)
             .where(Delivery.id.in_(ids), Delivery.lease_owner == owner)
             .order_by(Delivery.id)
         ).all()

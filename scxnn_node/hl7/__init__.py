@@ -1,0 +1,1 @@
+"""HL7 v2 results to a RIS: the ORU^R01 a result becomes (oru) and its MLLP transport (mllp)."""
