@@ -424,3 +424,22 @@ def test_the_worker_queues_an_oru_for_each_hl7_destination(
     assert _observations(message)["113014"] == [study]
     worker.db.dispose()
     db.dispose()
+
+
+def test_a_destination_whose_kind_changed_dead_letters_what_it_cannot_take(
+    tmp_path, database_url, listen
+):
+    ris = listen(ack("AA"))
+    config, db, spool = _dispatch_parts(tmp_path, database_url, ris.port)
+    _seed_hl7(db, spool, config.destinations[0])
+    as_dicom = node_config(
+        tmp_path,
+        database={"url": database_url},
+        destinations=[{"name": "ris", "ae_title": "RIS", "host": "127.0.0.1", "port": ris.port}],
+    )
+    assert Dispatcher(as_dicom, db, spool).deliver_due() == 0
+    [delivery] = _deliveries(db)
+    assert delivery.state == "dead"
+    assert delivery.last_error == "a hl7 output cannot go to dicom destination"
+    assert ris.received == []
+    db.dispose()
