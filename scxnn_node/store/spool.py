@@ -11,17 +11,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from scxnn_node.atomic_file import fsync_path
 from scxnn_node.logs import short_hash
 
 AREAS = ("instances", "rejected", "outbox", "tmp")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def uid_file_stem(uid: str) -> str:
@@ -79,11 +72,7 @@ class Spool:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                     raise
                 shutil.copyfile(source, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(tmp)
         return self.root / rel
 
     @contextlib.contextmanager
@@ -98,7 +87,7 @@ class Spool:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)  # already gone after the rename
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
 
     def _make_directories(self, directory: Path) -> None:
         """Make `directory` and its missing parents, fsyncing the parent of each one made so
@@ -110,7 +99,7 @@ class Spool:
         for new in reversed(missing):
             with contextlib.suppress(FileExistsError):  # a concurrent writer made it
                 new.mkdir()
-            fsync_dir(new.parent)
+            fsync_path(new.parent)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
