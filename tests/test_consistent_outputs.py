@@ -233,3 +233,33 @@ def test_the_worker_notes_purged_images_in_the_sr_of_a_late_instance(node_parts)
     note = "Not analysed: 1 earlier image(s) no longer held by the node"
     assert note in _texts(_sr_of(db, spool, second))
     assert not [t for t in _texts(_sr_of(db, spool, first)) if t.startswith("Not analysed")]
+
+
+def test_a_source_without_modality_still_gives_valid_outputs(tmp_path):
+    """Found by bench/fuzz.py: an image without Modality (Type 1, but real senders omit it) was
+    analysed, then building its SR raised AttributeError and the study ended `failed`."""
+    result = _result(Verdict.ABNORMAL)
+    source = _source(result)
+    del source.Modality
+    image = chest_pixels(96, seed=3, bits=8).astype("uint8")
+    sr = build_triage_sr(
+        result,
+        [source],
+        bundle_name=BUNDLE.name,
+        bundle_version=BUNDLE.version,
+        finding_codes=CODES,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert _dciodvfy_errors(path) == []
+    summary = build_summary_image(
+        result,
+        source,
+        image,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+    )
+    assert summary.SOPInstanceUID
+    assert "Modality" not in source  # the caller's header is left as it came

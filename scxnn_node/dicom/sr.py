@@ -131,6 +131,8 @@ def sanitised_evidence(source: Dataset) -> Dataset:
     for keyword in COPIED_TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    if "Modality" not in ds:  # Type 1, yet omitted by real senders; highdicom reads it
+        ds.Modality = "OT"
     return ds
 
 
