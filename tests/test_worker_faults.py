@@ -246,9 +246,12 @@ def _recovering(db: Database, done: threading.Event) -> threading.Thread:
 
 
 def test_the_heartbeat_survives_a_database_error(make_config, db, spool):
-    config = make_config(lease_seconds=1.0)
+    # The triage outlasts the lease 2.5 times; the lease leaves room for a slow, loaded
+    # machine to renew it after the failed beat (1 s was too tight for CI on 2 cores).
+    config = make_config(lease_seconds=2.0)
     _queued_study(db, spool)
     worker = _SlowWorker(config, "cpu")
+    worker.seconds = 5.0
     real_heartbeat = worker.queue.heartbeat
     calls = []
 
