@@ -2,11 +2,11 @@
 # Installs everything the node, its tests and benchmarks need: Debian packages (dcmtk for the
 # DICOM peers and encoders, dicom3tools for dciodvfy, postgresql for the PostgreSQL tests,
 # openssl for the TLS tests, orthanc as a real PACS in an end-to-end test) and a virtual
-# environment in .venv.
+# environment in .venv. chromium renders the status page in its browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dcmtk dicom3tools postgresql openssl orthanc orthanc-dicomweb)
+apt_packages=(dcmtk dicom3tools postgresql openssl orthanc orthanc-dicomweb chromium)
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 missing=()
 for pkg in "${apt_packages[@]}"; do

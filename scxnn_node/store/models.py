@@ -1,5 +1,6 @@
-"""Database tables (instances, studies, jobs, results, deliveries, events, workers) and the state
-names their rows go through. A change here needs a migration (store/migrations/versions)."""
+"""Database tables (instances, studies, jobs, results, deliveries, events, workers, audit
+records) and the state names their rows go through. A change here needs a migration
+(store/migrations/versions)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,22 @@ class OutputKind(StrEnum):
     SR = "sr"
     SUMMARY = "summary"
     HL7 = "hl7"  # an ORU^R01, to a destination of kind hl7 (one file per such destination)
+
+
+class AuditAction(StrEnum):
+    """What an audit record says happened (one record per happening, never updated)."""
+
+    RECEIVED = "received"  # an instance stored and acknowledged (Success)
+    REFUSED = "refused"  # a C-STORE answered with a failure status (outcome: the status)
+    ASSOCIATION_REFUSED = "association_refused"  # a caller not allowed, a wrong called AE
+    SKIPPED = "skipped"  # an instance recorded, never analysed (outcome: the reason)
+    UNUSABLE = "unusable"  # an instance a worker could not use (outcome: the reason)
+    ANALYSED = "analysed"  # a study triaged (bundle, verdict, tier; seconds: worker busy time)
+    NOT_ANALYSED = "not_analysed"  # a study ended without a verdict (outcome: the reason)
+    DELIVERED = "delivered"  # an output sent (party: destination; seconds: last instance -> sent)
+    DELIVERY_FAILED = "delivery_failed"  # one failed attempt, to be retried
+    DEAD = "dead"  # a delivery given up after its last attempt
+    PURGED = "purged"  # a study's files removed by retention
 
 
 class Base(DeclarativeBase):
@@ -187,3 +204,24 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     subject: Mapped[str] = mapped_column(String(64), default="")
     message: Mapped[str] = mapped_column(Text)
+
+
+class AuditRecord(Base):
+    """The audit trail: one row per thing that happened to an instance, study or delivery,
+    appended and never changed. Identifiers are stored as their short_hash, as logs show them;
+    no patient data."""
+
+    __tablename__ = "audit_records"
+    __table_args__ = (Index("ix_audit_records_action_outcome", "action", "outcome"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    action: Mapped[str] = mapped_column(String(32))  # AuditAction
+    study: Mapped[str] = mapped_column(String(16), default="")  # short_hash of the study UID
+    instance: Mapped[str] = mapped_column(String(16), default="")  # short_hash of the SOP UID
+    party: Mapped[str] = mapped_column(String(128), default="")  # calling AE, destination, worker
+    bundle_version: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(64), default="")  # verdict, status, reason code
+    risk_tier: Mapped[str] = mapped_column(String(32), default="")
+    size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")  # a short reason, identifiers hashed

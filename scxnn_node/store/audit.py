@@ -1,0 +1,101 @@
+"""The audit trail: append a record of what happened (identifiers hashed, no patient data),
+count records for metrics, and read them back for export. Records are never updated or
+deleted by the node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from scxnn_node.logs import hash_uids, redact, short_hash
+from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.models import AuditAction, AuditRecord
+
+_OUTCOME_CHARS = 64
+
+
+def append_audit(
+    session: Session,
+    action: AuditAction,
+    *,
+    study_uid: str = "",
+    instance_uid: str = "",
+    party: str = "",
+    bundle_version: str = "",
+    outcome: str = "",
+    risk_tier: str = "",
+    size_bytes: int | None = None,
+    seconds: float | None = None,
+    detail: str = "",
+) -> None:
+    """Add one record in the caller's transaction, so it commits with the change it records."""
+    session.add(
+        AuditRecord(
+            at=utc_now(),
+            action=action,
+            study=short_hash(study_uid) if study_uid else "",
+            instance=short_hash(instance_uid) if instance_uid else "",
+            party=party[:128],
+            bundle_version=bundle_version,
+            outcome=hash_uids(outcome)[:_OUTCOME_CHARS],
+            risk_tier=risk_tier or "",
+            size_bytes=size_bytes,
+            seconds=seconds,
+            detail=redact(hash_uids(detail)),
+        )
+    )
+
+
+def audit_counts(session: Session) -> dict[tuple[str, str], int]:
+    """How many records there are per (action, outcome): monotonic counters for metrics."""
+    rows = session.execute(
+        select(AuditRecord.action, AuditRecord.outcome, func.count()).group_by(
+            AuditRecord.action, AuditRecord.outcome
+        )
+    ).all()
+    return {(action, outcome): count for action, outcome, count in rows}
+
+
+def audit_records(
+    db: Database, since: datetime, until: datetime | None = None, batch: int = 1000
+) -> Iterator[dict[str, Any]]:
+    """Records from `since` (inclusive) to `until` (exclusive), oldest first, as plain dicts;
+    read in batches so an export of a long period holds little in memory."""
+    last_id = 0
+    while True:
+        with db.session() as session:
+            query = (
+                select(AuditRecord)
+                .where(AuditRecord.at >= since, AuditRecord.id > last_id)
+                .order_by(AuditRecord.id)
+                .limit(batch)
+            )
+            if until is not None:
+                query = query.where(AuditRecord.at < until)
+            rows = session.scalars(query).all()
+            records = [_as_dict(r) for r in rows]
+        if not records:
+            return
+        yield from records
+        last_id = records[-1]["id"]
+
+
+def _as_dict(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "at": record.at.isoformat(),
+        "action": record.action,
+        "study": record.study,
+        "instance": record.instance,
+        "party": record.party,
+        "bundle_version": record.bundle_version,
+        "outcome": record.outcome,
+        "risk_tier": record.risk_tier,
+        "size_bytes": record.size_bytes,
+        "seconds": record.seconds,
+        "detail": record.detail,
+    }
