@@ -3,18 +3,26 @@
     .venv/bin/python bench/inference.py                      # densenet121, 1024 px, cpu
     .venv/bin/python bench/inference.py --device cuda:0 --studies 32
     .venv/bin/python bench/inference.py --size 512 --studies 2  # quicker look
+    .venv/bin/python bench/inference.py --quick --members 1 --studies 3 --repeats 5
+                                        # fused eager vs ONNX Runtime only, one member
 
 Members get random weights (speed does not depend on them). FLOPs are counted with
 torch.utils.flop_counter on one member's inference pass. The naive baseline is measured in the
-same run: decoder kept, NCHW, fp32, one image at a time, no fusion. The CPU peak defaults to the
-cores torch uses x 2.45 GHz x 32 FP32 FLOP/cycle (AVX2, two FMA units); override --peak-gflops.
+same run: decoder kept, NCHW, fp32, one image at a time, no fusion. Every form is timed pass by
+pass in turns (form A, form B, ..., then again), so a load that comes and goes on a shared
+machine falls on all of them alike; min and median are printed. On the CPU the onnx backend
+(ONNX Runtime) runs beside eager in the same process. The CPU peak defaults to the cores torch
+uses x 2.45 GHz x 32 FP32 FLOP/cycle (AVX2, two FMA units); override --peak-gflops.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,16 +43,31 @@ from scxnn_node.model.options import BACKENDS, EngineOptions
 from training.untrained import untrained_bundle
 
 
-def seconds_per_call(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (allocators, oneDNN primitive cache, cuDNN autotune)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+def interleaved_timings(
+    forms: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each call of each form, the forms taking turns pass by pass."""
+
+    def timed(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for fn in forms.values():
+        fn()  # warm-up (allocators, oneDNN primitive cache, cuDNN autotune, ORT arenas)
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(repeats):
+        for name, fn in forms.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"min": min(times), "median": statistics.median(times)}
 
 
 def member_flops(arch: str, size: int) -> int:
@@ -70,12 +93,23 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--backend", default="eager", choices=BACKENDS)
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated, of {','.join(BACKENDS)} (default: eager,onnx on cpu; eager)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="single-member forms: fused eager and onnx only"
+    )
     parser.add_argument("--peak-gflops", type=float, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    backends = (args.backends or ("eager,onnx" if device.type == "cpu" else "eager")).split(",")
+    for backend in backends:
+        if backend not in BACKENDS:
+            parser.error(f"--backends: {backend!r} is not one of {list(BACKENDS)}")
     threads = torch.get_num_threads()
     peak = args.peak_gflops or (threads * 2.45 * 32 if device.type == "cpu" else None)
     flops = member_flops(args.arch, args.size)
@@ -84,89 +118,106 @@ def main() -> None:
         f"{flops / 1e9:.1f} GFLOP per member pass, {args.members} members"
     )
 
+    def rate(secs: float) -> str:
+        line = f"{flops / secs / 1e9:6.1f} GFLOP/s"
+        return line + (f" {100 * flops / secs / 1e9 / peak:5.1f}% of peak" if peak else "")
+
     torch.manual_seed(0)
     x_nchw = torch.rand(1, 1, args.size, args.size, device=device)
     x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
-    variants: dict[str, float] = {}
+    forms: dict[str, Callable[[], object]] = {}
     naive = MemberNet(args.arch, with_decoder=True).eval().to(device)
-    with torch.no_grad():
-        variants["naive: decoder kept, NCHW, fp32"] = seconds_per_call(
-            lambda: naive.forward_multitask(x_nchw), args.repeats, device
-        )
     plain = MemberNet(args.arch, with_decoder=False).eval().to(device)
+    plain.load_state_dict(naive.state_dict(), strict=False)
+    fused = FusedMember(plain).to(device).to(memory_format=torch.channels_last)
+    if not args.quick:
+
+        def run_naive() -> object:
+            with torch.no_grad():
+                return naive.forward_multitask(x_nchw)
+
+        forms["naive: decoder kept, NCHW, fp32"] = run_naive
+        forms["encoder+head, NCHW"] = lambda: plain(x_nchw)
+        plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+        forms["encoder+head, channels_last"] = lambda: plain_cl(x_cl)
+    forms["fused, channels_last (eager)"] = lambda: fused(x_cl)
+    if device.type == "cpu" and "onnx" in backends:
+        from scxnn_node.model.onnx_backend import OnnxMember, export_member
+
+        start = time.perf_counter()
+        session = OnnxMember(export_member(plain, args.size), threads)
+        print(f"  onnx export + session: {time.perf_counter() - start:.1f} s per member")
+        x_numpy = x_nchw.cpu().numpy()
+        with torch.inference_mode():
+            difference = np.abs(session(x_numpy) - plain(x_nchw).numpy()).max()
+        print(f"  onnx logits differ from the plain member's by at most {difference:.1e}")
+        forms["onnx runtime, encoder+head"] = lambda: session(x_numpy)
     with torch.inference_mode():
-        variants["encoder+head, NCHW"] = seconds_per_call(
-            lambda: plain(x_nchw), args.repeats, device
-        )
-        plain_cl = plain.to(memory_format=torch.channels_last)
-        variants["encoder+head, channels_last"] = seconds_per_call(
-            lambda: plain_cl(x_cl), args.repeats, device
-        )
-        fused = FusedMember(plain).to(device).to(memory_format=torch.channels_last)
-        variants["fused, channels_last"] = seconds_per_call(
-            lambda: fused(x_cl), args.repeats, device
-        )
-    for name, secs in variants.items():
-        line = (
-            f"  one member, one image, {name:<34} {secs:7.3f} s  {flops / secs / 1e9:7.1f} GFLOP/s"
-        )
-        if peak:
-            line += f"  {100 * flops / secs / 1e9 / peak:5.1f}% of peak"
-        print(line)
+        times = interleaved_timings(forms, args.repeats, device)
+    variants = {name: summary(t) for name, t in times.items()}
+    print(f"one member, one image, {args.repeats} passes each, in turns: min / median")
+    for name, v in variants.items():
+        print(f"  {name:<34} {v['min']:6.3f} / {v['median']:6.3f} s  min {rate(v['min'])}")
 
     bundle = untrained_bundle(args.arch, args.size, THESIS_CATALOGUE.names[: args.members])
-    engine = InferenceEngine(
-        bundle,
-        EngineOptions(
-            device=args.device,
-            batch_size=args.batch_size,
-            precision=args.precision,
-            backend=args.backend,
-        ),
-    )
+    cache_dir = Path(tempfile.mkdtemp(prefix="scxnn-bench-onnx-"))
+    engines: dict[str, InferenceEngine] = {}
+    for backend in backends:
+        start = time.perf_counter()
+        engines[backend] = InferenceEngine(
+            bundle,
+            EngineOptions(
+                device=args.device,
+                batch_size=args.batch_size,
+                precision=args.precision,
+                backend=backend,
+                onnx_cache_dir=cache_dir,
+            ),
+        )
+        print(f"engine {backend}: ready in {time.perf_counter() - start:.1f} s")
     images = np.random.default_rng(1).integers(
         0, 256, (args.studies, args.size, args.size), dtype=np.uint8
     )
-    engine.member_logits(images[:1])  # warm-up every member
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    engine.member_logits(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    per_study = elapsed / args.studies
-    achieved = flops * args.members * args.studies / elapsed / 1e9
-    naive_study = variants["naive: decoder kept, NCHW, fp32"] * args.members
+    # One study (one image through every member) per timed call, backends in turns.
+    study_calls: dict[str, Callable[[], object]] = {}
+    for backend, engine in engines.items():
+        study_calls[backend] = (lambda e: lambda: e.member_logits(images[:1]))(engine)
+    study_times = interleaved_timings(study_calls, args.studies, device)
+    engine = engines[backends[0]]
+    naive_key = "naive: decoder kept, NCHW, fp32"
+    naive_study = variants[naive_key]["min"] * args.members if naive_key in variants else None
+    per_backend = {}
+    for backend, t in study_times.items():
+        per_study = min(t)
+        achieved = flops * args.members / per_study / 1e9
+        per_backend[backend] = {
+            "seconds_per_study": summary(t),
+            "studies_per_s": 1 / per_study,
+            "achieved_gflops": achieved,
+            "percent_of_peak": 100 * achieved / peak if peak else None,
+            "speedup_over_naive": naive_study / per_study if naive_study else None,
+        }
+        print(
+            f"ensemble through the engine, backend {backend} (batch {engines[backend].batch_size},"
+            f" {engines[backend].precision}), {args.studies} studies: "
+            f"{per_study:.2f} / {statistics.median(t):.2f} s per study (min / median); "
+            f"min {rate(per_study / args.members)}"
+            + (f"; {naive_study / per_study:.2f}x the naive baseline" if naive_study else "")
+        )
     figures = {
         "device": str(device),
         "arch": args.arch,
         "size": args.size,
         "members": args.members,
+        "threads": threads,
         "batch_size": engine.batch_size,
-        "precision": str(engine.autocast_dtype or "fp32"),
+        "precision": engine.precision,
         "gflop_per_member_pass": flops / 1e9,
-        "images_per_s_per_member": args.studies * args.members / elapsed,
-        "studies_per_s": 1 / per_study,
-        "seconds_per_study": per_study,
-        "achieved_gflops": achieved,
         "peak_gflops": peak,
-        "percent_of_peak": 100 * achieved / peak if peak else None,
         "naive_seconds_per_study": naive_study,
-        "speedup_over_naive": naive_study / per_study,
         "single_member_seconds": variants,
+        "engine": per_backend,
     }
-    print(
-        f"ensemble through the engine (batch {engine.batch_size}, {figures['precision']}): "
-        f"{per_study:.2f} s per study, {figures['studies_per_s']:.3f} studies/s, "
-        f"{figures['images_per_s_per_member']:.2f} images/s per member"
-    )
-    print(
-        f"achieved {achieved:.1f} GFLOP/s"
-        + (f" = {figures['percent_of_peak']:.1f}% of the {peak:.0f} GFLOP/s peak" if peak else "")
-    )
-    speedup = figures["speedup_over_naive"]
-    print(f"naive baseline {naive_study:.2f} s per study -> speed-up {speedup:.2f}x")
     if args.json_out:
         args.json_out.write_text(json.dumps(figures, indent=2))
 

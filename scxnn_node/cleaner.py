@@ -13,8 +13,9 @@ from pathlib import Path
 from sqlalchemy import delete, select
 
 from scxnn_node.config import NodeConfig
+from scxnn_node.store.audit import append_audit
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery, Event
+from scxnn_node.store.models import AuditAction, Delivery, Event
 from scxnn_node.store.retention import expired_instances, forget_outputs, unneeded_outputs
 from scxnn_node.store.spool import Spool
 
@@ -48,6 +49,14 @@ class Cleaner:
             for instance in expired_instances(session, cutoff, now - timedelta(days=window)):
                 self.spool.remove(instance.path)
                 instance.path = ""  # the row stays: the UID is still known, its file is not
+                append_audit(
+                    session,
+                    AuditAction.PURGED,
+                    study_uid=instance.study_instance_uid,
+                    instance_uid=instance.sop_instance_uid,
+                    outcome="retention",
+                    size_bytes=instance.size,
+                )
                 purged += 1
         outputs = unneeded_outputs(self.db, cutoff)
         for path in outputs:
@@ -122,7 +131,7 @@ class Cleaner:
         return not low
 
     def prune_events(self) -> None:
-        """Events older than EVENT_RETENTION_DAYS are deleted."""
+        """Events older than EVENT_RETENTION_DAYS are deleted (audit records never are)."""
         with self.db.session() as session:
             session.execute(
                 delete(Event).where(Event.at < utc_now() - timedelta(days=EVENT_RETENTION_DAYS))

@@ -9,10 +9,12 @@ import signal
 import sys
 import threading
 from collections import defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 
-# Only light modules at the top: status, jobs, deliveries, echo, check-config and --help must
-# not pay for torch (seconds of CPU on a busy node); the commands that run the model import it.
+# Only light modules at the top: status, jobs, deliveries, echo, audit, check-config and
+# --help must not pay for torch (seconds of CPU on a busy node); the commands that run the
+# model import it.
 from scxnn_node.config import ConfigError, NodeConfig, load_config
 from scxnn_node.logs import configure_logging, redact_url, short_hash
 from scxnn_node.model.manifest import (
@@ -89,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     database = sub.add_parser("db", help="database schema")
     dbsub = database.add_subparsers(dest="db_command", required=True)
     with_config(dbsub.add_parser("upgrade", help="upgrade the schema in place (back up first)"))
+    audit = sub.add_parser("audit", help="the audit trail")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    export = with_config(asub.add_parser("export", help="records as JSON lines, oldest first"))
+    export.add_argument(
+        "--since", required=True, type=_utc_datetime, help="ISO date or datetime (UTC default)"
+    )
+    export.add_argument("--until", type=_utc_datetime, help="exclusive (default: no end)")
+    export.add_argument("--output", type=Path, help="file to write (default: stdout)")
 
     bundle = sub.add_parser("bundle", help="inspect model bundles")
     bsub = bundle.add_subparsers(dest="bundle_command", required=True)
@@ -99,6 +109,35 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.add_argument("--card", action="store_true", help="print the model card too")
     return parser
+
+
+def _utc_datetime(text: str) -> datetime:
+    """An ISO date or datetime as naive UTC, as the database stores times; one with a zone
+    is converted."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or datetime: {text!r}") from None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _export_audit(db: Database, args: argparse.Namespace) -> int:
+    from scxnn_node.store.audit import audit_records
+
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        count = 0
+        for record in audit_records(db, args.since, args.until):
+            out.write(json.dumps(record) + "\n")
+            count += 1
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"{count} audit record(s) written to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _default_config() -> Path | None:
@@ -340,11 +379,14 @@ def _operate(args: argparse.Namespace, config: NodeConfig) -> int:
         return 0
     db.create_schema()
     if args.command == "status":
+        from scxnn_node.drift import node_drift_report
         from scxnn_node.status import format_status, node_status
 
-        report = node_status(db)
+        report = node_status(db, drift=node_drift_report(db, config))
         print(json.dumps(report, indent=2) if args.json else format_status(report))
         return 0
+    if args.command == "audit":
+        return _export_audit(db, args)
     if args.command == "jobs":
         if args.jobs_command == "list":
             for job in _rows(db, Job, args.state, args.limit):

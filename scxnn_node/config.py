@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -93,6 +94,9 @@ class NodeSection(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     check_called_ae: bool = True  # an association must call ae_title (as dcmtk and Orthanc do)
+    # Processes receiving C-STOREs: 1 is the serve process itself; more share the port
+    # (SO_REUSEPORT), each with its own database connection, supervised like the workers.
+    ingest_processes: int = Field(default=1, ge=1, le=64)
     tls: TlsSection = Field(default_factory=TlsSection)
 
 
@@ -189,6 +193,48 @@ class Hl7Destination(_Section):
         return self.priorities.get(risk_tier or "", self.default_priority)
 
 
+class DicomWebDestination(_Section):
+    """A DICOMweb service (PACS, VNA, cloud archive) that receives the SR and summary image by
+    STOW-RS. Credentials never sit in the config: the password is read, at send time, from the
+    environment variable `password_env` names."""
+
+    kind: Literal["dicomweb"]
+    name: str
+    url: str  # the service root: STOW-RS posts to {url}/studies
+    outputs: list[Literal["sr", "summary"]] = Field(default_factory=lambda: ["sr", "summary"])
+    timeout_seconds: float = Field(default=30.0, gt=0)  # to connect, and then for the answer
+    username: str | None = None  # HTTP basic auth, with the password from password_env
+    password_env: str | None = None  # the name of an environment variable, not a password
+    ca: Path | None = None  # https: the server must chain to this CA alone (pinned)
+    certificate: Path | None = None  # https: the node's client certificate, for servers that ask
+    key: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _service_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        # The messages never repeat the URL: it may carry a password someone put there.
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not carry credentials: use username and password_env")
+        if parts.query or parts.fragment:
+            raise ValueError("must be the service root, without ?query or #fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _credentials_and_tls_fit(self) -> DicomWebDestination:
+        if (self.username is None) != (self.password_env is None):
+            raise ValueError("username and password_env go together (HTTP basic auth)")
+        https = self.url.startswith("https://")
+        for key in ("ca", "certificate", "key"):
+            if getattr(self, key) is not None and not https:
+                raise ValueError(f"{key} needs an https:// url")
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("certificate and key go together (the node's client certificate)")
+        return self
+
+
 def _destination_kind(value: Any) -> str:
     """`kind` of a destination, raw or validated; absent means dicom (the original kind)."""
     if isinstance(value, dict):
@@ -196,13 +242,16 @@ def _destination_kind(value: Any) -> str:
     return str(getattr(value, "kind", "dicom"))
 
 
-_DESTINATION_KINDS = ("dicom", "hl7")  # the union's tags, left out of the keys errors name
+# The union's tags, left out of the keys errors name.
+_DESTINATION_KINDS = ("dicom", "hl7", "dicomweb")
 Destination = Annotated[
-    Annotated[DicomDestination, Tag("dicom")] | Annotated[Hl7Destination, Tag("hl7")],
+    Annotated[DicomDestination, Tag("dicom")]
+    | Annotated[Hl7Destination, Tag("hl7")]
+    | Annotated[DicomWebDestination, Tag("dicomweb")],
     Discriminator(
         _destination_kind,
         custom_error_type="destination_kind",
-        custom_error_message="kind must be dicom (the default) or hl7",
+        custom_error_message="kind must be dicom (the default) or hl7 or dicomweb",
     ),
 ]
 
@@ -220,6 +269,10 @@ class WorkerSection(_Section):
     poll_seconds: float = Field(default=1.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=10.0, ge=0)  # doubled after each failed attempt
+    # The pipeline (worker.py): studies held at once (one in the engine, the next being
+    # decoded) and the processes that decode and preprocess them (0: in the worker itself).
+    studies_in_flight: int = Field(default=2, ge=1, le=64)
+    decode_processes: int = Field(default=1, ge=0, le=64)
 
 
 class SchedulerSection(_Section):
@@ -229,6 +282,29 @@ class SchedulerSection(_Section):
     retention_seconds: float = Field(default=3600.0, gt=0)
     disk_check_seconds: float = Field(default=30.0, gt=0)
     housekeeping_seconds: float = Field(default=3600.0, gt=0)
+
+
+class DriftSection(_Section):
+    """Drift watch (scxnn_node/drift.py): live scores and inputs against the bundle's."""
+
+    window_studies: int = Field(default=500, ge=10)  # the newest studies compared
+    min_samples: int = Field(default=100, ge=5)  # fewer studies (images) in the window: none
+    psi_threshold: float = Field(default=0.25, gt=0)  # population stability index: 0.25 = shift
+    unseen_manufacturer_share: float = Field(default=0.2, gt=0, le=1)
+    check_seconds: float = Field(default=300.0, gt=0)  # how often the scheduler checks
+    repeat_warning_hours: float = Field(default=24.0, gt=0)  # a drift still there: warn again
+
+
+class HttpSection(_Section):
+    """GET /metrics (Prometheus) and GET / (the status page), both read-only; POSTs that retry
+    a dead delivery need the token held by the environment variable `retry_token_env` names
+    (no variable: retry from the page is off). Loopback by default: another host exposes
+    queue state (never patient data) to whoever reaches the port."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    retry_token_env: str | None = None  # the name of an environment variable, not the token
 
 
 class LoggingSection(_Section):
@@ -249,6 +325,8 @@ class NodeConfig(_Section):
     worker: WorkerSection = Field(default_factory=WorkerSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    drift: DriftSection = Field(default_factory=DriftSection)
+    http: HttpSection = Field(default_factory=HttpSection)
 
     @model_validator(mode="after")
     def _certificates_can_be_checked(self) -> NodeConfig:

@@ -1,6 +1,6 @@
 """Delivery of results: the dispatcher claims due deliveries under a lease and sends each with
-the sender of its destination's kind (DICOM C-STORE, HL7 over MLLP); a failure is retried with
-backoff or dead-lettered, and fails only its own delivery."""
+the sender of its destination's kind (DICOM C-STORE, HL7 over MLLP, DICOMweb STOW-RS); a
+failure is retried with backoff or dead-lettered, and fails only its own delivery."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Protocol
 
-from scxnn_node.config import DicomDestination, Hl7Destination, NodeConfig
+from scxnn_node.config import DicomDestination, DicomWebDestination, Hl7Destination, NodeConfig
 from scxnn_node.dicom.scu import Peer, client_ssl_context, is_success, send_files
+from scxnn_node.dicom.stow import DicomWebSender
 from scxnn_node.hl7.mllp import exchange
 from scxnn_node.hl7.oru import ack_failure, control_id_of
 from scxnn_node.store.db import Database
@@ -133,11 +134,13 @@ class Dispatcher:
         ]
         if not fits:
             return misfits
-        sender: Sender = (
-            Hl7Sender(config, self.spool)
-            if isinstance(config, Hl7Destination)
-            else DicomSender(config, self.config.node.ae_title, self.spool)
-        )
+        sender: Sender
+        if isinstance(config, Hl7Destination):
+            sender = Hl7Sender(config, self.spool)
+        elif isinstance(config, DicomWebDestination):
+            sender = DicomWebSender(config, self.spool)
+        else:
+            sender = DicomSender(config, self.config.node.ae_title, self.spool)
         try:
             return misfits + sender.send(fits)
         except Exception as exc:  # a sender's bug fails its deliveries, not the dispatcher

@@ -1,5 +1,9 @@
 """Wires the node: the SCP, the scheduler and one supervised worker process per device.
 
+With node.ingest_processes above 1 the SCP runs in that many supervised processes sharing the
+port (SO_REUSEPORT), each with its own database connection: a C-STORE is then received outside
+the serve process and its GIL. A dead ingest process is restarted like a worker.
+
 A worker that dies is logged, its jobs are released and it is started again after a backoff
 that doubles while it keeps dying young. Stop is bounded: SIGTERM (the worker hands its study
 back), then SIGKILL for a worker still alive after the timeout. A worker dies with the node:
@@ -9,19 +13,20 @@ its parent's pid as well.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event as ProcessEvent
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
+from scxnn_node.http.server import HttpServer
+from scxnn_node.lifetime import die_with_parent
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.manifest import read_manifest, verify_bundle
 from scxnn_node.scheduler import NodeScheduler
@@ -37,20 +42,8 @@ FIRST_RESTART_DELAY_S = 1.0
 MAX_RESTART_DELAY_S = 60.0
 STABLE_RUN_S = 60.0  # a worker that ran this long before dying restarts after the first delay
 KILL_WAIT_S = 5.0
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Linux: the kernel sends this process SIGTERM when its parent ends (even by kill -9).
-    Elsewhere a no-op; the worker's parent-pid watch covers it."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError) as exc:
-        log.warning("prctl unavailable: %s", exc)
+INGEST_START_TIMEOUT_S = 120.0  # start() waits this long for the ingest processes to listen
+PARENT_WATCH_S = 1.0
 
 
 def run_worker_process(config_json: str, device: str, parent_pid: int) -> None:
@@ -68,15 +61,40 @@ def run_worker_process(config_json: str, device: str, parent_pid: int) -> None:
     worker.run(stop, parent_pid=parent_pid)
 
 
-@dataclass
-class _WorkerSlot:
-    """One device's worker: its current process, and when to start the next after a death."""
+def run_ingest_process(config_json: str, parent_pid: int, listening: ProcessEvent) -> None:
+    """Entry point of an ingest process (spawned): the SCP on the shared port, with its own
+    database connection, until SIGTERM or the node's end."""
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the node died before the line above took effect
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    config = NodeConfig.model_validate_json(config_json)
+    configure_logging(config.logging.level, config.logging.json_format)
+    db = Database(config.database.url)
+    db.check_schema()  # made by the serve process before it started this one
+    scp = StoreScp(config, IngestService(config, db, Spool(config.storage.spool_dir)))
+    scp.start(share_port=True)
+    listening.set()
+    while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
+        pass
+    scp.shutdown()  # no new association; those in progress finish within stop()'s bound
+    db.dispose()
 
-    device: str
+
+@dataclass
+class _Slot:
+    """One supervised process, a device's worker or an ingest process: its current process,
+    and when to start the next after a death."""
+
+    name: str  # as messages show it: "worker cpu", "ingest process 2"
+    device: str | None = None  # a worker's device; None for an ingest process
     process: mp.process.BaseProcess | None = None
     started_at: float = 0.0
     restart_at: float | None = None
     restart_delay: float = FIRST_RESTART_DELAY_S
+    listening: ProcessEvent | None = None  # an ingest process's: set once it accepts associations
 
 
 class Node:
@@ -89,10 +107,23 @@ class Node:
         self.db = Database(config.database.url)
         self.db.create_schema()
         self.spool = Spool(config.storage.spool_dir)
-        self.scp = StoreScp(config, IngestService(config, self.db, self.spool))
+        ingest_processes = config.node.ingest_processes
+        self.scp = (
+            StoreScp(config, IngestService(config, self.db, self.spool))
+            if ingest_processes == 1
+            else None
+        )
         self.scheduler = NodeScheduler(config, self.db, self.spool, self.bundle_version)
+        self.http = (
+            HttpServer(config, self.db, self.spool, manifest) if config.http.enabled else None
+        )
         self.with_workers = workers
-        self._slots = [_WorkerSlot(device) for device in config.model.devices]
+        self._slots = [
+            _Slot(f"ingest process {n}") for n in range(1, ingest_processes + 1) if self.scp is None
+        ]
+        if workers:
+            self._slots += [_Slot(f"worker {device}", device) for device in config.model.devices]
+        self._started = threading.Event()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._queue = JobQueue(
@@ -105,7 +136,7 @@ class Node:
 
     def start(self) -> None:
         for destination in self.config.destinations:
-            if destination.kind != "dicom":  # HL7 has no echo; its first result shows the way
+            if destination.kind != "dicom":  # no echo in HL7 or STOW-RS: the first result tells
                 continue
             ok, message = echo(Peer.of(destination), self.config.node.ae_title, timeout=5)
             log_fn = log.info if ok else log.warning
@@ -117,43 +148,77 @@ class Node:
                 destination.port,
                 message,
             )
-        self.scp.start()
-        self.scheduler.start()
-        if self.with_workers:
-            # Workers are started (and restarted) from the supervisor thread alone: Linux
-            # signals a child when the *thread* that forked it ends, so that thread must live
-            # as long as the node.
+        if self.scp is not None:
+            self.scp.start()
+        if self._slots:
+            # Workers and ingest processes are started (and restarted) from the supervisor
+            # thread alone: Linux signals a child when the *thread* that forked it ends, so that
+            # thread must live as long as the node.
             self._supervisor = threading.Thread(
                 target=self._supervise, daemon=True, name="worker-supervisor"
             )
             self._supervisor.start()
+            self._await_ingest_processes()
+        self.scheduler.start()
+        if self.http is not None:
+            self.http.start()
         self.db.record_event(
             "node",
             f"started with bundle {read_manifest(self.config.model.bundle).name} "
             f"{self.bundle_version}",
         )
 
-    def _start_worker(self, slot: _WorkerSlot) -> None:
-        process = mp.get_context("spawn").Process(
-            target=run_worker_process,
-            args=(self.config.model_dump_json(), slot.device, os.getpid()),
-            name=f"scxnn-worker-{slot.device}",
-        )
+    def _await_ingest_processes(self) -> None:
+        """Return once every ingest process listens; RuntimeError when one dies first (the
+        port taken by another program, say) or none of this happens in time."""
+        self._started.wait(INGEST_START_TIMEOUT_S)
+        deadline = time.monotonic() + INGEST_START_TIMEOUT_S
+        for slot in self._slots:
+            if slot.device is not None:
+                continue
+            process, listening = slot.process, slot.listening
+            while not listening.wait(0.1):
+                if not process.is_alive() or time.monotonic() > deadline:
+                    self._stopping.set()
+                    self._supervisor.join()
+                    self._end_processes(timeout=5)
+                    raise RuntimeError(
+                        f"{slot.name} did not start listening on port "
+                        f"{self.config.node.port} (exit code {process.exitcode}); see its log"
+                    )
+
+    def _start(self, slot: _Slot) -> None:
+        context = mp.get_context("spawn")
+        config_json = self.config.model_dump_json()
+        if slot.device is not None:
+            process = context.Process(
+                target=run_worker_process,
+                args=(config_json, slot.device, os.getpid()),
+                name=f"scxnn-worker-{slot.device}",
+            )
+        else:
+            slot.listening = context.Event()
+            process = context.Process(
+                target=run_ingest_process,
+                args=(config_json, os.getpid(), slot.listening),
+                name=f"scxnn-{slot.name.replace(' ', '-')}",
+            )
         process.start()
         slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
 
     def _supervise(self) -> None:
         for slot in self._slots:
-            self._start_worker(slot)
+            self._start(slot)
+        self._started.set()
         while not self._stopping.wait(SUPERVISE_INTERVAL_S):
             for slot in self._slots:
                 try:
                     self._look_after(slot)
                 except Exception:  # the supervisor must outlive a database hiccup
-                    log.exception("supervising the %s worker failed", slot.device)
+                    log.exception("supervising %s failed", slot.name)
         # Stopping: the processes are left to stop(), which bounds how long they get.
 
-    def _look_after(self, slot: _WorkerSlot) -> None:
+    def _look_after(self, slot: _Slot) -> None:
         now = time.monotonic()
         process = slot.process
         if process is not None and not process.is_alive():
@@ -166,15 +231,16 @@ class Node:
             )
             slot.restart_at = now + slot.restart_delay
             message = (
-                f"worker {slot.device} (pid {process.pid}) died with exit code "
+                f"{slot.name} (pid {process.pid}) died with exit code "
                 f"{process.exitcode} after {lived:.0f} s; restarting in {slot.restart_delay:.0f} s"
             )
             log.error(message)
-            self.db.record_event("worker", message, level="ERROR")
-            self._bury(process, slot.device, "died")
+            self.db.record_event("worker" if slot.device else "ingest", message, level="ERROR")
+            if slot.device is not None:
+                self._bury(process, slot.device, "died")
         if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
-            self._start_worker(slot)
-            log.info("worker %s restarted (pid %s)", slot.device, slot.process.pid)
+            self._start(slot)
+            log.info("%s restarted (pid %s)", slot.name, slot.process.pid)
 
     def _bury(self, process: mp.process.BaseProcess, device: str, how: str) -> None:
         """A dead worker's jobs go back to the queue now, not when its lease expires."""
@@ -191,30 +257,37 @@ class Node:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop within about `timeout` + KILL_WAIT_S seconds, whatever the workers' state."""
         self._stopping.set()
+        if self.http is not None:
+            self.http.shutdown()  # within a poll interval (0.2 s)
         if self._supervisor is not None:
             self._supervisor.join()
             self._supervisor = None
-        self.scp.shutdown()
+        if self.scp is not None:
+            self.scp.shutdown()
         self.scheduler.shutdown()
+        self._end_processes(timeout)
+        self._safely(self.db.record_event, "node", "stopped")
+        self.db.dispose()
+
+    def _end_processes(self, timeout: float) -> None:
+        """SIGTERM to every supervised process; SIGKILL to one still alive after `timeout`."""
         running = [
             (slot, slot.process)
             for slot in self._slots
             if slot.process is not None and slot.process.is_alive()
         ]
         for _slot, process in running:
-            process.terminate()  # SIGTERM: the worker hands its study back and exits
+            process.terminate()  # SIGTERM: a worker hands its study back; both kinds exit
         deadline = time.monotonic() + timeout
         for slot, process in running:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
-                log.warning("worker %s did not stop in %.0f s; killing it", slot.device, timeout)
+                log.warning("%s did not stop in %.0f s; killing it", slot.name, timeout)
                 process.kill()
                 process.join(KILL_WAIT_S)
-            if process.exitcode != 0:
+            if process.exitcode != 0 and slot.device is not None:
                 self._safely(self._bury, process, slot.device, "was stopped")
             slot.process = None
-        self._safely(self.db.record_event, "node", "stopped")
-        self.db.dispose()
 
     @staticmethod
     def _safely(action, *args: object) -> None:

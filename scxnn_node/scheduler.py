@@ -12,6 +12,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.config import NodeConfig
 from scxnn_node.dispatcher import Dispatcher
+from scxnn_node.drift import DriftWatch
 from scxnn_node.store.assembly import enqueue_quiet_studies
 from scxnn_node.store.db import Database
 from scxnn_node.store.queue import JobQueue
@@ -37,6 +38,7 @@ class NodeScheduler:
         )
         self.dispatcher = Dispatcher(config, db, spool)
         self.cleaner = Cleaner(config, db, spool)
+        self.drift_watch = DriftWatch(config, db)
         self._scheduler: BackgroundScheduler | None = None
 
     def enqueue_ready_studies(self) -> int:
@@ -66,6 +68,7 @@ class NodeScheduler:
             (self.cleaner.sweep_orphan_outputs, s.retention_seconds),
             (self.cleaner.check_disk, s.disk_check_seconds),
             (self.cleaner.housekeeping, s.housekeeping_seconds),
+            (self.drift_watch.check, self.config.drift.check_seconds),
         ]
         for func, seconds in timetable:
             scheduler.add_job(

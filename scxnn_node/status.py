@@ -1,5 +1,5 @@
 """What `scxnn-node status` reports: counts per state, live workers, oldest waiting study,
-studies not analysed and why, last errors."""
+studies not analysed and why, last errors, and (given a drift report) drift watch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from scxnn_node.drift import DriftReport, format_drift
 from scxnn_node.logs import short_hash
 from scxnn_node.model.result import Verdict
 from scxnn_node.store.db import Database, utc_now
@@ -15,9 +16,11 @@ from scxnn_node.store.models import Delivery, Event, Instance, Job, Result, Stud
 from scxnn_node.store.workers import live_workers
 
 
-def node_status(db: Database, errors: int = 5) -> dict[str, Any]:
+def node_status(
+    db: Database, errors: int = 5, drift: DriftReport | None = None
+) -> dict[str, Any]:
     now = utc_now()
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {} if drift is None else {"drift": drift.to_dict()}
     with db.session() as session:
         for name, model in (
             ("instances", Instance),
@@ -135,4 +138,6 @@ def format_status(report: dict[str, Any]) -> str:
         lines.extend(f"  {e['at']}  {e['what']}: {e['error']}" for e in report["last_errors"])
     else:
         lines.append("last errors: none")
+    if "drift" in report:
+        lines.extend(format_drift(report["drift"]))
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """From a study's DICOM instances to its triage result: select, decode, preprocess, infer.
 
-The CLI's `infer` and the node's worker both call `prepare_instance` and `triage_study`, so
-there is one path from pixels to verdict and it always uses the bundle's preprocessing spec.
+The CLI's `infer` and the node's worker both call `prepare_instance` and `triage_study` (the
+worker's pipeline `triage_studies`, several studies in one pass of the engine), so there is one
+path from pixels to verdict and it always uses the bundle's preprocessing spec. No torch is
+imported here: the worker's decode processes use `prepare_instance` alone.
 """
 
 from __future__ import annotations
@@ -9,16 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from scxnn_node.imaging.decode import decode_pixels, read_dataset
-from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image
+from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_with_windowed_mean
 from scxnn_node.imaging.selection import SelectionPolicy, assess_eligibility
-from scxnn_node.model.engine import InferenceEngine
+from scxnn_node.model.decision import result_from_logits
 from scxnn_node.model.result import StudyResult
+
+if TYPE_CHECKING:  # the engine brings torch; decode processes must not pay for it
+    from scxnn_node.model.engine import InferenceEngine
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class PreparedInstance:
     skip_reason: str | None = None
     flags: tuple[str, ...] = ()
     header: Dataset | None = None  # the instance's attributes without pixel data
+    windowed_mean: float | None = None  # mean intensity after windowing (drift watch)
 
     @property
     def analysed(self) -> bool:
@@ -50,13 +56,9 @@ def prepare_instance(
     if not eligibility.analyse:
         return PreparedInstance(study, sop, None, eligibility.reason, eligibility.flags)
     decoded = decode_pixels(ds)
+    image, windowed_mean = preprocess_with_windowed_mean(decoded.pixels, spec)
     return PreparedInstance(
-        study,
-        sop,
-        preprocess_image(decoded.pixels, spec),
-        None,
-        eligibility.flags,
-        decoded.dataset,
+        study, sop, image, None, eligibility.flags, decoded.dataset, windowed_mean
     )
 
 
@@ -64,18 +66,45 @@ def triage_study(
     engine: InferenceEngine, study_instance_uid: str, instances: Sequence[PreparedInstance]
 ) -> StudyResult:
     """Run the ensemble on a study's analysable instances; not_analysed if there are none."""
-    analysed = [i for i in instances if i.analysed]
-    if not analysed:
-        reasons = sorted({i.skip_reason or "no image" for i in instances})
-        reason = (
-            "no usable frontal chest image: " + "; ".join(reasons)
-            if reasons
-            else ("no usable frontal chest image")
+    return triage_studies(engine, [(study_instance_uid, instances)])[0]
+
+
+def triage_studies(
+    engine: InferenceEngine,
+    studies: Sequence[tuple[str, Sequence[PreparedInstance]]],
+) -> list[StudyResult]:
+    """Triage several studies with one pass of the engine over all their analysable images
+    (the engine batches across studies); each study's result comes from its own images' logits
+    alone, as if it had been triaged by itself."""
+    analysed = [[i for i in instances if i.analysed] for _, instances in studies]
+    images = [i.image for study in analysed for i in study]
+    logits = engine.member_logits(np.stack(images)) if images else None  # type: ignore[arg-type]
+    results = []
+    start = 0
+    for (study_instance_uid, instances), own in zip(studies, analysed, strict=True):
+        if not own:
+            reasons = sorted({i.skip_reason or "no image" for i in instances})
+            reason = (
+                "no usable frontal chest image: " + "; ".join(reasons)
+                if reasons
+                else ("no usable frontal chest image")
+            )
+            results.append(engine.not_analysed_result(study_instance_uid, reason))
+            continue
+        assert logits is not None
+        notes = []
+        unknown_views = sum("view_unknown" in i.flags for i in own)
+        if unknown_views:
+            notes.append(f"view position unknown on {unknown_views} image(s); analysed as frontal")
+        own_logits = logits[start : start + len(own)]
+        start += len(own)
+        results.append(
+            result_from_logits(
+                engine.bundle,
+                study_instance_uid,
+                own_logits,
+                [i.sop_instance_uid for i in own],
+                notes,
+            )
         )
-        return engine.not_analysed_result(study_instance_uid, reason)
-    notes = []
-    unknown_views = sum("view_unknown" in i.flags for i in analysed)
-    if unknown_views:
-        notes.append(f"view position unknown on {unknown_views} image(s); analysed as frontal")
-    images = np.stack([i.image for i in analysed])  # type: ignore[misc]
-    return engine.triage(study_instance_uid, images, [i.sop_instance_uid for i in analysed], notes)
+    return results

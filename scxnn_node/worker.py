@@ -1,11 +1,16 @@
-"""The inference worker: claim a study, triage it, store the result, queue its deliveries.
+"""The inference worker: claim studies, triage them, store each result, queue its deliveries.
 
-A crash at any point leaves either nothing (the job's lease expires and it runs again) or the
-whole outcome (result, output files, deliveries and the job's completion commit together), so
-a study never gets two SRs for the same input. Outputs go to paths unique to the attempt and
-are written only after the lease is checked; a worker whose lease is gone, or that is asked to
-stop (the study is handed back), stops at the next step and makes nothing visible. An instance
-the worker cannot use is marked unusable and its study is triaged from the others.
+The worker is a pipeline: it holds up to `worker.studies_in_flight` claimed jobs, each under
+its own lease (one heartbeat thread beats them all); their instances are decoded and
+preprocessed in the decode pool (decode_pool.py) while the engine works on the studies decoded
+before, and the studies ready at the same time go through the engine in one pass. Each job is
+then committed on its own. A crash at any point leaves, for each held job, either nothing (the
+job's lease expires and it runs again) or the whole outcome (result, output files, deliveries
+and the job's completion commit together), so a study never gets two SRs for the same input.
+Outputs go to paths unique to the attempt and are written only after the lease is checked; a
+job whose lease is gone is abandoned at its next step and makes nothing visible (the others go
+on); a worker asked to stop hands back every job it holds. An instance the worker cannot use
+is marked unusable and its study is triaged from the others.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
 from scxnn_node.config import Hl7Destination, NodeConfig
+from scxnn_node.decode_pool import DecodedInstance, DecodePool, decode_spooled_instance
 from scxnn_node.dicom.sr import build_triage_sr
 from scxnn_node.dicom.summary import build_summary_image
+from scxnn_node.drift import record_drift_samples
 from scxnn_node.hl7.oru import StudyHeaders, build_oru
-from scxnn_node.imaging.decode import ImageRejected, read_dataset
 from scxnn_node.logs import short_hash
 from scxnn_node.model.bundle import Bundle, load_bundle
 from scxnn_node.model.engine import EngineOptions, InferenceEngine
@@ -41,7 +49,7 @@ from scxnn_node.store.queue import ClaimedJob, JobQueue, LostLease
 from scxnn_node.store.results import JobOutputs, SrReference, latest_report, record_result
 from scxnn_node.store.retention import readable_instances
 from scxnn_node.store.spool import Spool
-from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
+from scxnn_node.triage import PreparedInstance, triage_studies, triage_study
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,18 @@ class _Lease:
 
     job: ClaimedJob
     lost: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _InFlight:
+    """A held job in the pipeline: its readable instances and their decodes, in one order."""
+
+    job: ClaimedJob
+    rows: list[tuple[str, str]]  # (SOP Instance UID, spool path)
+    decodes: list[Future[DecodedInstance]]
+
+    def decoded(self) -> bool:
+        return all(f.done() for f in self.decodes)
 
 
 @dataclass(frozen=True)
@@ -115,31 +135,143 @@ class TriageWorker:
         }
         self.hl7_destinations = [d for d in config.destinations if isinstance(d, Hl7Destination)]
         self.stop_requested = threading.Event()  # run() replaces it with its stop event
-        self._lease: _Lease | None = None
+        self.decode_pool = DecodePool(
+            config.worker.decode_processes, config.logging.level, config.logging.json_format
+        )
+        self._leases: dict[int, _Lease] = {}  # job id -> lease, for every job held
+        self._leases_lock = threading.Lock()
+        self._in_flight: list[_InFlight] = []
+
+    @property
+    def _lease(self) -> _Lease | None:
+        """The oldest job this worker holds (its liveness row names one), None when idle."""
+        with self._leases_lock:
+            return next(iter(self._leases.values()), None)
+
+    def _hold(self, job: ClaimedJob) -> None:
+        with self._leases_lock:
+            self._leases[job.id] = _Lease(job)
+
+    def _let_go(self, job_id: int) -> None:
+        with self._leases_lock:
+            self._leases.pop(job_id, None)
 
     def process_next(self) -> bool:
-        """Process one ready job; False when there was none."""
+        """Process one ready job by itself, decoding in this thread; False when there was none."""
         job = self.queue.claim_ready_job()
         if job is None:
             return False
-        lease = _Lease(job)
-        self._lease = lease
-        finished = threading.Event()
-        beat = threading.Thread(
-            target=self._keep_lease, args=(lease, finished), daemon=True, name="lease-heartbeat"
-        )
-        beat.start()
+        self._hold(job)
         try:
-            self._process(job)
+            with self._leases_kept():
+                self._process(job)
         finally:
-            finished.set()
-            beat.join()
-            self._lease = None
+            self._let_go(job.id)
         return True
 
     def _process(self, job: ClaimedJob) -> None:
+        self._conclude(job, lambda: self._triage(job))
+
+    def pump(self) -> bool:
+        """One turn of the pipeline: claim jobs up to `studies_in_flight` (their instances go to
+        the decode pool at once), wait up to a poll for a study to be fully decoded, then triage
+        together every held study that is. False when the worker holds no job."""
+        self._claim_more()
+        self._drop_lost()
+        if not self._in_flight:
+            return False
+        if not any(flight.decoded() for flight in self._in_flight):
+            pending = [f for flight in self._in_flight for f in flight.decodes if not f.done()]
+            wait(pending, timeout=self.config.worker.poll_seconds, return_when=FIRST_COMPLETED)
+        ready = [flight for flight in self._in_flight if flight.decoded()]
+        if ready:
+            self._in_flight = [flight for flight in self._in_flight if flight not in ready]
+            try:
+                self._triage_together(ready)
+            finally:
+                for flight in ready:
+                    self._let_go(flight.job.id)
+        return True
+
+    def _claim_more(self) -> None:
+        spec, policy = self.manifest.preprocessing, self.policy
+        while (
+            len(self._in_flight) < self.config.worker.studies_in_flight
+            and not self.stop_requested.is_set()
+        ):
+            job = self.queue.claim_ready_job()
+            if job is None:
+                return
+            self._hold(job)
+            try:
+                rows = readable_instances(self.db, job.instance_uids)  # retention may purge
+                study = job.study_instance_uid
+                decodes = [
+                    self.decode_pool.submit(self.spool.absolute(path), uid, study, spec, policy)
+                    for uid, path in rows
+                ]
+            except Exception as exc:
+                self._conclude(job, _raising(exc))
+                self._let_go(job.id)
+                continue
+            self._in_flight.append(_InFlight(job, rows, decodes))
+
+    def _drop_lost(self) -> None:
+        """Jobs whose lease is gone leave the pipeline now, not after their decode."""
+        for flight in list(self._in_flight):
+            lease = self._leases.get(flight.job.id)
+            if lease is not None and lease.lost.is_set():
+                for decode in flight.decodes:
+                    decode.cancel()
+                self._in_flight.remove(flight)
+                lost = LostLease(f"job {flight.job.id} was taken over")
+                self._conclude(flight.job, _raising(lost))
+                self._let_go(flight.job.id)
+
+    def _hand_back_in_flight(self) -> None:
+        """A stopping worker gives back every job it still holds."""
+        flights, self._in_flight = self._in_flight, []
+        for flight in flights:
+            for decode in flight.decodes:
+                decode.cancel()
+            self._conclude(flight.job, _raising(StopRequested()))
+            self._let_go(flight.job.id)
+
+    def _triage_together(self, flights: list[_InFlight]) -> None:
+        """Decoded studies: one engine pass over all their images, then each job committed on
+        its own (a job that fails or lost its lease takes no other job with it)."""
+        gathered: list[tuple[_InFlight, list[PreparedInstance], dict[str, str]]] = []
+        for flight in flights:
+            try:
+                self._checkpoint(flight.job)
+                prepared, unusable = _gathered([f.result() for f in flight.decodes])
+            except Exception as exc:  # a decode process died, MemoryError, stop, lost lease
+                self._conclude(flight.job, _raising(exc))
+                continue
+            gathered.append((flight, prepared, unusable))
+        if not gathered:
+            return
         try:
-            triaged = self._triage(job)
+            results = self._infer(
+                [(flight.job.study_instance_uid, prepared) for flight, prepared, _ in gathered]
+            )
+        except Exception as exc:
+            for flight, _, _ in gathered:
+                self._conclude(flight.job, _raising(exc))
+            return
+        for (flight, prepared, unusable), result in zip(gathered, results, strict=True):
+            purged = _purged(flight.job, flight.rows)
+            triaged = Triaged(replace(result, purged_instances=purged), prepared, unusable)
+            self._conclude(flight.job, lambda triaged=triaged: triaged)
+
+    def _infer(self, studies: list[tuple[str, list[PreparedInstance]]]) -> list[StudyResult]:
+        return triage_studies(self.engine, studies)
+
+    def _conclude(self, job: ClaimedJob, triage: Callable[[], Triaged]) -> None:
+        """Triage a held job and commit its outcome; otherwise the job is handed back (the
+        worker is stopping), abandoned (its lease is gone) or failed (anything else)."""
+        try:
+            triaged = triage()
             self._finish(job, triaged)
             self._log_outcome(job, triaged.result)
         except StopRequested:
@@ -169,7 +301,8 @@ class TriageWorker:
         )
 
     def run(self, stop: threading.Event, parent_pid: int | None = None) -> None:
-        """Work until `stop` is set, or until the process `parent_pid` (the node) is gone."""
+        """Work the pipeline until `stop` is set, or until the process `parent_pid` (the node)
+        is gone; the jobs still held are handed back."""
         self.stop_requested = stop
         log.info(
             "worker %s serving bundle %s %s", self.owner, self.manifest.name, self.manifest.version
@@ -180,15 +313,20 @@ class TriageWorker:
         )
         alive.start()
         try:
-            while not stop.is_set():
+            with self._leases_kept():
                 try:
-                    worked = self.process_next()
-                except Exception:  # the database, most likely: try again after a poll
-                    log.exception("worker %s: could not claim a job", self.owner)
-                    worked = False
-                if not worked:
-                    stop.wait(self.config.worker.poll_seconds)
+                    while not stop.is_set():
+                        try:
+                            worked = self.pump()
+                        except Exception:  # the database, most likely: try again after a poll
+                            log.exception("worker %s: could not claim a job", self.owner)
+                            worked = False
+                        if not worked:
+                            stop.wait(self.config.worker.poll_seconds)
+                finally:
+                    self._hand_back_in_flight()
         finally:
+            self.decode_pool.close()
             finished.set()
             alive.join()
             try:
@@ -216,54 +354,64 @@ class TriageWorker:
             if finished.wait(min(every, 1.0)):
                 return
 
-    def _keep_lease(self, lease: _Lease, finished: threading.Event) -> None:
-        """Extend the job's lease every beat. A database error is logged and the next beat
-        tries again; a lease found taken over marks the job lost (the worker abandons it)."""
-        while not finished.wait(self.config.worker.heartbeat_seconds):
-            try:
-                held = self.queue.heartbeat(lease.job.id)
-            except Exception as exc:
-                log.warning("job %d: heartbeat failed (%s); retrying", lease.job.id, exc)
-                continue
-            if not held:
-                log.warning("job %d: lease lost", lease.job.id)
-                lease.lost.set()
-                return
+    @contextmanager
+    def _leases_kept(self) -> Iterator[None]:
+        """A heartbeat thread keeps every held job's lease while the block runs."""
+        finished = threading.Event()
+        beat = threading.Thread(
+            target=self._keep_leases, args=(finished,), daemon=True, name="lease-heartbeat"
+        )
+        beat.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            beat.join()
 
-    def _checkpoint(self) -> None:
+    def _keep_leases(self, finished: threading.Event) -> None:
+        """Extend each held job's lease every beat. A database error is logged and the next
+        beat tries again; a lease found taken over marks that job lost (it alone is abandoned)."""
+        while not finished.wait(self.config.worker.heartbeat_seconds):
+            with self._leases_lock:
+                leases = [lease for lease in self._leases.values() if not lease.lost.is_set()]
+            for lease in leases:
+                try:
+                    held = self.queue.heartbeat(lease.job.id)
+                except Exception as exc:
+                    log.warning("job %d: heartbeat failed (%s); retrying", lease.job.id, exc)
+                    continue
+                if not held:
+                    log.warning("job %d: lease lost", lease.job.id)
+                    lease.lost.set()
+
+    def _checkpoint(self, job: ClaimedJob) -> None:
         """Between steps: stop when asked to, give up a job whose lease is gone."""
         if self.stop_requested.is_set():
             raise StopRequested
-        lease = self._lease
+        lease = self._leases.get(job.id)
         if lease is not None and lease.lost.is_set():
-            raise LostLease(f"job {lease.job.id} was taken over")
+            raise LostLease(f"job {job.id} was taken over")
 
     def _triage(self, job: ClaimedJob) -> Triaged:
+        """One job by itself, decoded in this thread (process_next; the pipeline decodes in
+        the decode pool and triages in _triage_together)."""
         rows = readable_instances(self.db, job.instance_uids)  # retention may have purged some
-        prepared: list[PreparedInstance] = []
-        unusable: dict[str, str] = {}
+        decoded: list[DecodedInstance] = []
         for sop_uid, path in rows:
-            self._checkpoint()
-            try:
-                ds = read_dataset(self.spool.absolute(path))
-                problem = identity_problem(ds, sop_uid, job.study_instance_uid)
-                if problem is not None:
-                    raise ValueError(problem)
-                prepared.append(prepare_instance(ds, self.manifest.preprocessing, self.policy))
-            except ImageRejected as exc:
-                log.warning("instance %s not analysable: %s", short_hash(sop_uid), exc)
-                prepared.append(PreparedInstance(job.study_instance_uid, sop_uid, None, str(exc)))
-            except MemoryError:
-                raise
-            except Exception as exc:  # this instance, not the study: the others go on
-                reason = f"unusable: {exc}"
-                log.warning("instance %s %s", short_hash(sop_uid), reason)
-                unusable[sop_uid] = reason
-                prepared.append(PreparedInstance(job.study_instance_uid, sop_uid, None, reason))
-        self._checkpoint()
+            self._checkpoint(job)
+            decoded.append(
+                decode_spooled_instance(
+                    self.spool.absolute(path),
+                    sop_uid,
+                    job.study_instance_uid,
+                    self.manifest.preprocessing,
+                    self.policy,
+                )
+            )
+        self._checkpoint(job)
+        prepared, unusable = _gathered(decoded)
         result = triage_study(self.engine, job.study_instance_uid, prepared)
-        readable = {uid for uid, _ in rows}
-        purged = tuple(uid for uid in job.instance_uids if uid not in readable)
+        purged = _purged(job, rows)
         return Triaged(replace(result, purged_instances=purged), prepared, unusable)
 
     def _build_outputs(
@@ -325,7 +473,7 @@ class TriageWorker:
         return JobOutputs(reference, summary_series_uid, summary_uid, paths, hl7_paths)
 
     def _finish(self, job: ClaimedJob, triaged: Triaged) -> None:
-        self._checkpoint()
+        self._checkpoint(job)
         # The lease is checked before anything is written; the outputs go to paths unique to
         # this attempt, so even a lease lost from here on leaves committed files untouched.
         if not self.queue.heartbeat(job.id):
@@ -342,6 +490,7 @@ class TriageWorker:
             # only through the completion that checks our lease (DESIGN rule 2).
             with self.db.session() as session:
                 record_result(session, job, result, outputs, predecessor, self.destinations)
+                record_drift_samples(session, result, triaged.prepared)
                 if not self.queue.complete(session, job.id):
                     raise LostLease(f"job {job.id} was taken over; result discarded")
                 mark_study_reported(session, job.study_instance_uid)
@@ -359,24 +508,25 @@ class TriageWorker:
                 log.warning("could not remove %s: %s", rel, exc)
 
 
-def identity_problem(ds: Dataset, sop_instance_uid: str, study_instance_uid: str) -> str | None:
-    """Why an instance cannot be named in an SR as evidence of its study (None: it can)."""
-    for keyword, name in (
-        ("StudyInstanceUID", "Study Instance UID"),
-        ("SeriesInstanceUID", "Series Instance UID"),
-        ("SOPInstanceUID", "SOP Instance UID"),
-        ("SOPClassUID", "SOP Class UID"),
-    ):
-        value = str(ds.get(keyword, "") or "")
-        if not value:
-            return f"no {name}"
-        if not UID(value).is_valid:
-            return f"{name} is not a valid UID"
-    if str(ds.SOPInstanceUID) != sop_instance_uid:
-        return "SOP Instance UID differs from the one it was received as"
-    if str(ds.StudyInstanceUID) != study_instance_uid:
-        return "Study Instance UID differs from its study's"
-    return None
+def _gathered(decoded: list[DecodedInstance]) -> tuple[list[PreparedInstance], dict[str, str]]:
+    """A study's decoded instances: all prepared ones, and why the unusable ones are so."""
+    unusable = {d.prepared.sop_instance_uid: d.unusable for d in decoded if d.unusable}
+    return [d.prepared for d in decoded], unusable
+
+
+def _purged(job: ClaimedJob, rows: list[tuple[str, str]]) -> tuple[str, ...]:
+    """The job's instances retention removed before they could be read."""
+    readable = {uid for uid, _ in rows}
+    return tuple(uid for uid in job.instance_uids if uid not in readable)
+
+
+def _raising(exc: Exception) -> Callable[[], Triaged]:
+    """A triage step that failed before _conclude ran it: concluding it raises `exc`."""
+
+    def step() -> Triaged:
+        raise exc
+
+    return step
 
 
 def _encode(dataset: Dataset) -> bytes:

@@ -6,11 +6,7 @@ REST API and DICOMweb show them in the same study as the image. Orthanc (Debian 
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,72 +16,8 @@ import pytest
 from scxnn_node.store.models import DeliveryState
 from scxnn_node.testing.datasets import sample_files
 from scxnn_node.testing.node_process import NodeProcess, serve_config
-from scxnn_node.testing.peers import free_port, wait_until
-
-ORTHANC_AE = "ORTHANC"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-class Orthanc:
-    """An Orthanc server of our own: its REST API on one loopback port, DICOM on another."""
-
-    def __init__(self, root: Path, node_port: int) -> None:
-        self.root = root
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        self.config = {
-            "Name": "scxnn-test-pacs",
-            "StorageDirectory": str(root / "storage"),
-            "IndexDirectory": str(root / "index"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": ORTHANC_AE,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": {"scxnn": ["SCXNN", "127.0.0.1", node_port]},
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        executable = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
-        if executable is None:
-            pytest.fail("Orthanc is not installed: scripts/setup.sh installs Debian orthanc")
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.root / "orthanc.json"
-        config.write_text(json.dumps(self.config))
-        with open(self.root / "orthanc.log", "wb") as log:
-            self.process = subprocess.Popen(
-                [executable, str(config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_until(self._up, 60, 0.2)
-        return self
-
-    def _up(self) -> bool:
-        try:
-            return self.get("/system")["DicomAet"] == ORTHANC_AE
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(30)
-            self.process = None
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
-        )
-        with urllib.request.urlopen(req, timeout=120) as response:
-            return json.loads(response.read() or b"null")
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: bytes) -> Any:
-        return self.request("POST", path, body)
+from scxnn_node.testing.orthanc import ORTHANC_AE, Orthanc
+from scxnn_node.testing.peers import wait_until
 
 
 @pytest.fixture

@@ -18,13 +18,16 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
+from scxnn_node.decode_pool import decode_spooled_instance
 from scxnn_node.status import node_status
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Delivery, Instance, Job, Result, Study
 from scxnn_node.store.queue import JobQueue
+from scxnn_node.store.retention import readable_instances
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.loopback import free_port, node_config, wait_for
+from scxnn_node.triage import triage_study
 from scxnn_node.worker import TriageWorker, stop_on_signals
 
 
@@ -347,3 +350,172 @@ def test_a_late_instance_during_a_running_job_gives_an_amendment_not_a_second_or
         assert s.get(Study, study).state == "reported"
     assert original.predecessor_id is None
     assert amended.predecessor_id == original.id  # one chain: the study's current result
+
+
+# The pipeline: several studies held at once, decoded ahead of the engine, batched together.
+
+
+class _CountingWorker(TriageWorker):
+    """Records each engine pass: the studies it covered and their results."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.passes: list[list[str]] = []
+        self.results: dict[str, object] = {}
+
+    def _infer(self, studies):
+        self.passes.append([study for study, _ in studies])
+        results = super()._infer(studies)
+        self.results.update({r.study_instance_uid: r for r in results})
+        return results
+
+
+def _pump_until_idle(worker: TriageWorker, timeout: float = 120) -> None:
+    try:
+        wait_for(lambda: not worker.pump(), timeout, interval=0)
+    finally:
+        worker.decode_pool.close()
+
+
+def test_studies_decoded_together_share_one_engine_pass_and_keep_their_own_results(
+    make_config, db, spool
+):
+    config = make_config(studies_in_flight=3, decode_processes=0)
+    studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
+    worker = _CountingWorker(config, "cpu")
+    _pump_until_idle(worker)
+    assert worker.passes == [studies]  # claimed in order, decoded at claim: one pass for all
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        results = {r.study_instance_uid: r for r in s.execute(select(Result)).scalars()}
+        assert {s.get(Study, study).state for study in studies} == {"reported"}
+    assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 3
+    assert set(results) == set(studies)
+    alone = TriageWorker(config, "cpu", bundle=worker.bundle)
+    for study in studies:
+        rows = readable_instances(db, [i for i in _instances_of(db, study)])
+        prepared = [
+            decode_spooled_instance(spool.absolute(path), uid, study, alone.manifest.preprocessing)
+            .prepared
+            for uid, path in rows
+        ]
+        by_itself = triage_study(alone.engine, study, prepared)
+        batched = worker.results[study]
+        assert batched.verdict == by_itself.verdict
+        assert batched.analysed_instances == by_itself.analysed_instances
+        assert batched.abnormality_score == pytest.approx(by_itself.abnormality_score, abs=1e-4)
+        for mine, theirs in zip(batched.findings, by_itself.findings, strict=True):
+            assert mine.name == theirs.name
+            assert mine.probabilities == pytest.approx(theirs.probabilities, abs=1e-4)
+
+
+def _instances_of(db: Database, study: str) -> list[str]:
+    with db.session() as s:
+        return list(
+            s.execute(
+                select(Instance.sop_instance_uid).where(Instance.study_instance_uid == study)
+            ).scalars()
+        )
+
+
+def test_a_pipeline_with_decode_processes_reports_every_study_once(make_config, db, spool):
+    config = make_config(studies_in_flight=2, decode_processes=1)
+    studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
+    worker = _CountingWorker(config, "cpu")
+    _pump_until_idle(worker)
+    assert sorted(s for one_pass in worker.passes for s in one_pass) == sorted(studies)
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        results = s.execute(select(Result)).scalars().all()
+    assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 3
+    assert sorted(r.study_instance_uid for r in results) == sorted(studies)
+    assert len(_outbox_files(spool)) == 2 * 3  # an SR and a summary per study, no more
+
+
+class _StoppedMidBatchWorker(_CountingWorker):
+    """Receives SIGTERM while the engine works on the first studies decoded."""
+
+    def _infer(self, studies):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return super()._infer(studies)
+
+
+@pytest.mark.parametrize("decode_processes", [0, 1])
+def test_a_stopping_pipeline_hands_back_every_study_it_holds(
+    make_config, db, spool, decode_processes
+):
+    config = make_config(studies_in_flight=3, decode_processes=decode_processes)
+    studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
+    worker = _StoppedMidBatchWorker(config, "cpu")
+    stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop_on_signals(stop)
+    try:
+        worker.run(stop)  # returns: the signal stopped it
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert worker.passes  # it was stopped with studies in the engine
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        assert [(j.state, j.attempts, j.lease_owner) for j in jobs] == [("ready", 0, None)] * 3
+        assert s.execute(select(Result)).scalars().all() == []
+        assert {s.get(Study, study).state for study in studies} == {"queued"}
+    assert _outbox_files(spool) == set()
+
+
+class _OneLeaseStolenWorker(_CountingWorker):
+    """Loses the second study's job to another worker while the engine works on all three."""
+
+    def _infer(self, studies):
+        results = super()._infer(studies)
+        with self.db.session() as s:
+            s.execute(
+                update(Job)
+                .where(Job.study_instance_uid == studies[1][0])
+                .values(lease_owner="other-worker")
+            )
+        return results
+
+
+def test_a_lost_lease_abandons_only_its_own_study(make_config, db, spool):
+    config = make_config(studies_in_flight=3, decode_processes=0)
+    first, stolen, third = (_queued_study(db, spool, seed) for seed in (1, 2, 3))
+    worker = _OneLeaseStolenWorker(config, "cpu")
+    _pump_until_idle(worker)
+    with db.session() as s:
+        jobs = {j.study_instance_uid: j for j in s.execute(select(Job)).scalars()}
+        reported = {r.study_instance_uid for r in s.execute(select(Result)).scalars()}
+        deliveries = s.execute(select(Delivery)).scalars().all()
+    assert reported == {first, third}
+    assert (jobs[stolen].state, jobs[stolen].lease_owner) == ("claimed", "other-worker")
+    assert {jobs[first].state, jobs[third].state} == {"done"}
+    assert _outbox_files(spool) == {d.path for d in deliveries}  # nothing of the stolen study
+
+
+class _SlowEngineWorker(_CountingWorker):
+    seconds = 5.0
+
+    def _infer(self, studies):
+        time.sleep(self.seconds)
+        return super()._infer(studies)
+
+
+def test_the_heartbeat_keeps_the_lease_of_every_study_held(make_config, db, spool):
+    # The engine pass outlasts the lease 2.5 times while three studies are held.
+    config = make_config(lease_seconds=2.0, studies_in_flight=3, decode_processes=0)
+    studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
+    worker = _SlowEngineWorker(config, "cpu")
+    done = threading.Event()
+    recovery = _recovering(db, done)
+    try:
+        with worker._leases_kept():
+            _pump_until_idle(worker)
+    finally:
+        done.set()
+        recovery.join()
+    assert worker.passes == [studies]
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 3  # none run twice
+        assert len(s.execute(select(Result)).scalars().all()) == 3

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,11 @@ class RunCalibration:
     operating_point: OperatingPoint
     safety_net: CriticalSafetyNet
     summary: dict[str, Any]  # calibration.json: counts, guarantee, per-tier study results
+    # Per calibration study, as the node decides it: its score and whether it was called
+    # definite normal (drift watch's reference); rows of each study in `calibration_studies`.
+    study_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    study_definite_normal: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    calibration_studies: tuple[np.ndarray, ...] = ()  # image rows (of the validation images)
 
     @property
     def guarantee_met(self) -> bool:
@@ -234,7 +239,17 @@ def calibrate(
             findings, s_known, s_y, called_abnormal, svm_abnormal, study_labels, study_target
         ),
     }
-    return RunCalibration(split, stage, temperatures, op, net, summary)
+    return RunCalibration(
+        split,
+        stage,
+        temperatures,
+        op,
+        net,
+        summary,
+        study_scores,
+        ~called_abnormal,
+        tuple(cal_rows[g] for g in groups),
+    )
 
 
 def study_results(

@@ -5,7 +5,8 @@ SVM as plain numbers, the operating point with its Neyman-Pearson guarantee, the
 spec, the finding list, the training manifest's sha256, a changelog line, the member
 temperatures and the critical safety net the node applies, MODEL_CARD.md, and as listed,
 hash-checked records: validation and calibration metrics, the training config and the dataset
-summary.
+summary. A run that recorded its calibration part's distributions gives the manifest its
+`drift_reference` (drift watch); an older run's bundle has none.
 
 A run whose definite-normal guarantee is not met (too few abnormal calibration studies, or too
 few positives of a critical finding) is not exported as a clinical bundle: export refuses,
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from scxnn_node.drift_reference import DriftReference
 from scxnn_node.model.bundle import write_bundle
 from scxnn_node.model.manifest import (
     MODEL_CARD_FILE,
@@ -42,6 +44,7 @@ from training.run_layout import (
     CALIBRATION_FILE,
     CONFIG_FILE,
     DATASET_FILE,
+    DRIFT_REFERENCE_FILE,
     OPERATING_POINT_FILE,
     RUN_FILE,
     SAFETY_NET_FILE,
@@ -118,6 +121,10 @@ def export_bundle(
         f"({counts}); config {identity['config_fingerprint'][:12]}"
     )
     history: Sequence[str] = read_manifest(previous).changelog if previous else ()
+    drift_file = run / DRIFT_REFERENCE_FILE
+    drift_reference = None
+    if drift_file.exists():
+        drift_reference = DriftReference.from_dict(json.loads(drift_file.read_text()))
     manifest = Manifest(
         name=config.name,
         version=version,
@@ -134,6 +141,7 @@ def export_bundle(
         ),
         changelog=(line, *history),
         precision=op_data.get("validation", {}).get("precision"),
+        drift_reference=drift_reference,
     )
     calibration = json.loads((run / CALIBRATION_FILE).read_text())
     records = {rel: (run / src).read_bytes() for rel, src in RECORD_FILES.items()}

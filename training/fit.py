@@ -51,6 +51,7 @@ from training.dataset import (
     write_manifest,
 )
 from training.distributed import DistInfo
+from training.drift_reference import calibration_drift_reference
 from training.member_data import build_plans
 from training.member_records import save_member
 from training.member_targets import member_class
@@ -62,6 +63,7 @@ from training.run_layout import (
     CONFIG_FILE,
     DATASET_FILE,
     DONE_FILE,
+    DRIFT_REFERENCE_FILE,
     IMAGE_ROLES_FILE,
     OPERATING_POINT_FILE,
     RESOLVED_MANIFEST,
@@ -355,6 +357,10 @@ def fit_second_stage_for_run(
     _write_json(run / SAFETY_NET_FILE, result.safety_net.to_dict())
     _write_json(run / CALIBRATION_FILE, result.summary)
     _write_json(run / VALIDATION_METRICS_FILE, metrics)
+    reference = calibration_drift_reference(
+        [e.image for e in val], result, config.preprocessing, config.preprocess_workers
+    )
+    _write_json(run / DRIFT_REFERENCE_FILE, reference.to_dict())
     v = result.operating_point.validation
     log.info(
         "second stage: SVM on %d fit images, threshold %.4f on %d calibration %ss: sensitivity "

@@ -16,6 +16,7 @@ Run directory:
     safety_net.json          critical-finding thresholds, set on the calibration part
     calibration.json         what the calibration part shows: counts, per-tier results
     validation_metrics.json  the thesis's tables on the calibration part
+    drift_reference.json     the calibration part's scores and input statistics (drift watch)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ OPERATING_POINT_FILE = "operating_point.json"
 VALIDATION_METRICS_FILE = "validation_metrics.json"
 IMAGE_ROLES_FILE = "image_roles.csv"
 CALIBRATION_FILE = "calibration.json"
+DRIFT_REFERENCE_FILE = "drift_reference.json"
 
 # In each member's directory:
 CHECKPOINT_FILE = "checkpoint.pt"

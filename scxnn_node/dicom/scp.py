@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import logging
 import re
+import socket
 import ssl
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from scxnn_node.config import AllowedCaller, NodeConfig, TlsSection
 from scxnn_node.imaging.selection import assess_eligibility
 from scxnn_node.logs import short_hash
 from scxnn_node.store.assembly import InstanceRecord, record_instance
+from scxnn_node.store.audit import commit_audit
 from scxnn_node.store.db import Database
+from scxnn_node.store.models import AuditAction
 from scxnn_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,10 @@ MAX_UID_LENGTH = 64
 # against 9.1) is accepted: it is seen in the field and harms neither storage nor the SR.
 _UID_SHAPE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _HEADER_DEFER_BYTES = 1 << 20  # larger header values stay on disk while the header is read
+# The largest PDU the SCP accepts (announced at association): a 1 MB image arrives in a few
+# PDUs instead of 64 of pynetdicom's default 16 KB, each decoded in Python (bench/ingest.py).
+# Bounded, since a PDU is held in memory whole.
+MAX_RECEIVE_PDU_BYTES = 1 << 20
 
 
 def uid_problem(value: str) -> str | None:
@@ -150,7 +158,7 @@ class IngestService:
         `received` stays the caller's: it is linked or copied into the spool, never moved."""
         if self.spool.free_bytes() < self.config.storage.min_free_bytes:
             log.error("C-STORE refused: free disk below storage.min_free_bytes")
-            return OUT_OF_RESOURCES
+            return self._refused(OUT_OF_RESOURCES, calling_ae, "free disk below the watermark")
         size = received.stat().st_size
         if size > self.config.storage.max_instance_bytes:
             log.warning(
@@ -159,13 +167,14 @@ class IngestService:
                 calling_ae,
                 size,
             )
-            return CANNOT_UNDERSTAND
+            why = "above storage.max_instance_bytes"
+            return self._refused(CANNOT_UNDERSTAND, calling_ae, why, size=size)
         try:
             header = dcmread(received, stop_before_pixels=True, defer_size=_HEADER_DEFER_BYTES)
             uids = InstanceUids.of(header)
             skip_reason = self.filter_reason(header, uids.sop_class)
         except Exception as exc:
-            return self._reject(received, calling_ae, exc)
+            return self._reject(received, calling_ae, exc, size)
         try:
             rel = self.spool.instance_path(uids.study, uids.sop_instance)
             # A file already at the name is reused only if it holds this very instance (a
@@ -192,7 +201,9 @@ class IngestService:
                 describe(exc),
             )
             log.debug("C-STORE of %s not stored", uids.sop_instance, exc_info=True)
-            return OUT_OF_RESOURCES
+            return self._refused(
+                OUT_OF_RESOURCES, calling_ae, f"not stored: {describe(exc)}", size, uids
+            )
         sop = short_hash(uids.sop_instance)
         if not new:
             log.info("duplicate instance %s from %s: already stored", sop, calling_ae)
@@ -202,7 +213,29 @@ class IngestService:
             log.info("instance %s of study %s stored", sop, short_hash(uids.study))
         return SUCCESS
 
-    def _reject(self, received: Path, calling_ae: str, exc: Exception) -> int:
+    def _refused(
+        self,
+        status: int,
+        calling_ae: str,
+        why: str,
+        size: int | None = None,
+        uids: InstanceUids | None = None,
+    ) -> int:
+        """Answer a failure `status`, recorded in the audit trail (best effort: the answer
+        does not wait on a database that may be the trouble)."""
+        commit_audit(
+            self.db,
+            AuditAction.REFUSED,
+            study_uid=uids.study if uids else "",
+            instance_uid=uids.sop_instance if uids else "",
+            party=calling_ae,
+            outcome=f"0x{status:04X}",
+            size_bytes=size,
+            detail=why,
+        )
+        return status
+
+    def _reject(self, received: Path, calling_ae: str, exc: Exception, size: int) -> int:
         """Answer cannot-understand, keeping the file in rejected/ for inspection."""
         why = str(exc) if isinstance(exc, UnusableUid) else describe(exc)
         try:
@@ -211,7 +244,7 @@ class IngestService:
             kept = "(not kept: disk error)"
         log.warning("C-STORE from %s cannot be understood (%s); kept as %s", calling_ae, why, kept)
         log.debug("C-STORE from %s cannot be understood", calling_ae, exc_info=True)
-        return CANNOT_UNDERSTAND
+        return self._refused(CANNOT_UNDERSTAND, calling_ae, f"cannot be understood: {why}", size)
 
 
 def server_ssl_context(tls: TlsSection) -> ssl.SSLContext | None:
@@ -279,6 +312,15 @@ def _certificate_fits(caller: AllowedCaller, names: set[str]) -> bool:
     return caller.certificate_cn is None or caller.certificate_cn in names
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server that shares its port with the node's other ingest processes
+    (SO_REUSEPORT: the kernel spreads new connections over the processes listening)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StoreScp:
     """The node's SCP: a pynetdicom AE with its contexts, limits and three small handlers."""
 
@@ -291,6 +333,7 @@ class StoreScp:
         ae.acse_timeout = config.node.acse_timeout
         ae.dimse_timeout = config.node.dimse_timeout
         ae.network_timeout = config.node.network_timeout
+        ae.maximum_pdu_size = MAX_RECEIVE_PDU_BYTES
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -310,6 +353,7 @@ class StoreScp:
                 called,
                 self.config.node.ae_title,
             )
+            self._audit_refusal(event, "called_ae_mismatch", f"called AE title {called!r}")
             # rejected-permanent, service-user, called-AE-title-not-recognized
             self._reject(event, 0x07)
             return
@@ -320,8 +364,19 @@ class StoreScp:
         )
         if reason:
             log.warning("association from %s refused: %s", requestor.address, reason)
+            self._audit_refusal(event, "calling_ae_not_allowed", reason)
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             self._reject(event, 0x03)
+
+    def _audit_refusal(self, event: evt.Event, outcome: str, why: str) -> None:
+        requestor = event.assoc.requestor
+        commit_audit(
+            self.ingest.db,
+            AuditAction.ASSOCIATION_REFUSED,
+            party=requestor.primitive.calling_ae_title.strip(),
+            outcome=outcome,
+            detail=f"{why} (from {requestor.address})",
+        )
 
     @staticmethod
     def _reject(event: evt.Event, reason: int) -> None:
@@ -343,18 +398,32 @@ class StoreScp:
             path.write_bytes(b"".join(chunks))
             return self.ingest.store(path, calling_ae)
 
-    def start(self) -> None:
-        """Listen in background threads."""
-        self.server = self.ae.start_server(
-            (self.config.node.host, self.config.node.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_REQUESTED, self.on_requested),
-                (evt.EVT_C_ECHO, self.on_echo),
-                (evt.EVT_C_STORE, self.on_store),
-            ],
-            ssl_context=server_ssl_context(self.config.node.tls),
-        )
+    def start(self, share_port: bool = False) -> None:
+        """Listen in background threads; with `share_port`, beside the node's other ingest
+        processes on the same port."""
+        address = (self.config.node.host, self.config.node.port)
+        handlers = [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+        ssl_context = server_ssl_context(self.config.node.tls)
+        if not share_port:
+            self.server = self.ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+        else:  # what start_server(block=False) does, with the server class that shares
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=ssl_context,
+                server_class=SharedPortServer,
+            )
+            self.ae._servers.append(server)  # server.shutdown() takes it out again
+            threading.Thread(
+                target=server.serve_forever, name="ingest-acceptor", daemon=True
+            ).start()
+            self.server = server
         log.info(
             "SCP %s listening on %s:%d",
             self.config.node.ae_title,

@@ -104,22 +104,33 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
 
 def preprocess_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Decoded pixels (bone bright, any dtype, 2-D) -> uint8 array of shape (size, size)."""
+    return preprocess_with_windowed_mean(pixels, spec)[0]
+
+
+def preprocess_with_windowed_mean(
+    pixels: np.ndarray, spec: PreprocessSpec
+) -> tuple[np.ndarray, float]:
+    """`preprocess_image`, and the mean intensity (0..255) of the image after windowing, before
+    padding and CLAHE: the input statistic drift watch compares with the bundle's."""
     if pixels.ndim != 2:
         raise ValueError(
             f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}"
         )
-    windowed = pad_to_square(window_to_uint8(pixels, spec))
+    unpadded = window_to_uint8(pixels, spec)
+    windowed_mean = float(unpadded.mean())
+    windowed = pad_to_square(unpadded)
     clahe = cv2.createCLAHE(
         clipLimit=float(spec.clahe_clip_limit),
         tileGridSize=(spec.clahe_tile_grid, spec.clahe_tile_grid),
     )
     equalised = clahe.apply(windowed)
     if equalised.shape[0] == spec.size:
-        return equalised
+        return equalised, windowed_mean
     interpolation = _INTERPOLATIONS[spec.interpolation]
     if equalised.shape[0] < spec.size and spec.interpolation == "area":
         interpolation = cv2.INTER_LINEAR  # INTER_AREA is meant for shrinking
-    return cv2.resize(equalised, (spec.size, spec.size), interpolation=interpolation)
+    resized = cv2.resize(equalised, (spec.size, spec.size), interpolation=interpolation)
+    return resized, windowed_mean
 
 
 def preprocess_mask(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

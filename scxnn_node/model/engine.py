@@ -2,14 +2,16 @@
 
 The engine is loaded once and reused: members run over batches of preprocessed images in
 inference mode, channels_last, with bf16/fp16 autocast on CUDA and a choice of backend (eager,
-torch.compile). What the 13 x 3 logits of a study mean (second stage, operating point, the
-`StudyResult`) is decided in model/decision.py, with numpy only.
+torch.compile, or ONNX Runtime on the CPU: model/onnx_backend.py). What the 13 x 3 logits of a
+study mean (second stage, operating point, the `StudyResult`) is decided in model/decision.py,
+with numpy only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,9 +19,13 @@ import torch
 from scxnn_node.model.bundle import Bundle
 from scxnn_node.model.decision import abnormality_scores, not_analysed_result, result_from_logits
 from scxnn_node.model.fused import FusedMember
+from scxnn_node.model.manifest import member_file
 from scxnn_node.model.member import MemberNet
 from scxnn_node.model.options import EngineOptions
 from scxnn_node.model.result import StudyResult
+
+if TYPE_CHECKING:
+    from scxnn_node.model.onnx_backend import OnnxMember
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ class InferenceEngine:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-    def _build_member(self, name: str) -> torch.nn.Module:
+    def _plain_member(self, name: str) -> MemberNet:
         member = MemberNet(self.manifest.architecture, with_decoder=False)
         missing, unexpected = member.load_state_dict(self.bundle.member_weights[name], strict=False)
         if missing or unexpected:
@@ -115,7 +121,12 @@ class InferenceEngine:
                 f"member {name!r} weights do not fit architecture {self.manifest.architecture!r}: "
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        member.eval()
+        return member.eval()
+
+    def _build_member(self, name: str) -> torch.nn.Module | OnnxMember:
+        if self.backend == "onnx":
+            return self._onnx_member(name)
+        member: torch.nn.Module = self._plain_member(name)
         if self.options.fused:
             member = FusedMember(member)
         member.to(self.device)
@@ -124,6 +135,24 @@ class InferenceEngine:
         if self.backend == "compile":
             return torch.compile(member, dynamic=False)  # type: ignore[return-value]
         return member
+
+    def _onnx_member(self, name: str) -> OnnxMember:
+        # Imported here: onnxruntime loads only in a process that builds an ONNX engine.
+        from scxnn_node.model import onnx_backend
+
+        size = self.manifest.preprocessing.size
+
+        def export() -> bytes:
+            return onnx_backend.export_member(self._plain_member(name), size)
+
+        # A bundle built in memory (bench, tests) lists no file hashes: nothing to key a cache on.
+        member_sha256 = self.manifest.files.get(member_file(name))
+        if member_sha256 is None or self.options.onnx_cache_dir is None:
+            model = export()
+        else:
+            key = onnx_backend.cache_key(member_sha256, self.manifest.architecture, size)
+            model = onnx_backend.cached_onnx(self.options.onnx_cache_dir, key, export)
+        return onnx_backend.OnnxMember(model, threads=torch.get_num_threads())
 
     def _to_tensor(self, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -143,16 +172,26 @@ class InferenceEngine:
             )
         out = np.empty((images.shape[0], len(self.members), 3), dtype=np.float32)
         for start in range(0, images.shape[0], self.batch_size):
-            x = self._to_tensor(images[start : start + self.batch_size])
-            for m, member in enumerate(self.members):
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                ):
-                    logits = member(x)
-                out[start : start + x.shape[0], m] = logits.float().cpu().numpy()
+            batch = images[start : start + self.batch_size]
+            for m, logits in enumerate(self._batch_logits(batch)):
+                out[start : start + len(batch), m] = logits
         return out
+
+    def _batch_logits(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Each member's (B, 3) float32 logits for one batch of uint8 images."""
+        if self.backend == "onnx":
+            x_cpu = batch[:, None].astype(np.float32) / np.float32(255.0)  # as _to_tensor does
+            return [member(x_cpu) for member in self.members]
+        x = self._to_tensor(batch)
+        logits = []
+        for member in self.members:
+            with torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                logits.append(member(x).float().cpu().numpy())
+        return logits
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Second-stage abnormality scores for (B, n_members, 3) logits."""

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from scxnn_node.drift_reference import DriftReference
 from scxnn_node.findings import THESIS_CATALOGUE, FindingCatalogue
 from scxnn_node.imaging.preprocess import PreprocessSpec
 from scxnn_node.model.architectures import architecture
@@ -113,6 +114,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     # Precision the thresholds were set at (fp32, bf16, fp16); None in bundles that predate it.
     precision: str | None = None
+    # The calibration part's distributions (drift watch); None in bundles that predate it.
+    drift_reference: DriftReference | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", self.name):
@@ -154,6 +157,11 @@ class Manifest:
             "changelog": list(self.changelog),
             "files": dict(sorted(self.files.items())),
             **({"precision": self.precision} if self.precision is not None else {}),
+            **(
+                {"drift_reference": self.drift_reference.to_dict()}
+                if self.drift_reference is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -192,6 +200,8 @@ class Manifest:
             )
             td = data["training_data"]
             training_data = TrainingData(td["description"], td["manifest_sha256"])
+            drift = data.get("drift_reference")
+            drift_reference = None if drift is None else DriftReference.from_dict(drift)
         except BundleError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
@@ -213,6 +223,7 @@ class Manifest:
             files=dict(data["files"]),
             format_version=version,
             precision=data.get("precision"),
+            drift_reference=drift_reference,
         )
 
 

@@ -7,12 +7,13 @@ a value the config accepts is one the engine accepts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # compile = torch.compile: minutes to start at 1024 px and measured no faster than eager on a
-# 2-core CPU; for GPUs. (TorchScript + oneDNN Graph fusion and ONNX Runtime were measured too:
-# no faster than the eager fused members here, so neither is offered.)
-BACKENDS = ("eager", "compile")
+# 2-core CPU; for GPUs. onnx = ONNX Runtime, CPU and fp32 only (model/onnx_backend.py).
+# (TorchScript + oneDNN Graph fusion was measured too: no faster than eager, not offered.)
+BACKENDS = ("eager", "compile", "onnx")
 
 
 def check_device(value: str) -> str:
@@ -41,6 +42,8 @@ class EngineOptions:
     channels_last: bool = True
     fused: bool = True  # BN folded, no re-concatenation (model/fused.py); same outputs
     backend: str = "eager"
+    # Where the onnx backend keeps exported members; None: export at every engine start.
+    onnx_cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -48,3 +51,7 @@ class EngineOptions:
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("EngineOptions.batch_size must be at least 1")
         check_device(self.device)
+        if self.backend == "onnx" and (
+            self.device != "cpu" or self.precision not in ("auto", "fp32")
+        ):
+            raise ValueError("backend 'onnx' runs on device 'cpu' at fp32 precision only")

@@ -7,12 +7,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from scxnn_node.store.audit import append_audit, reason_code
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Instance, InstanceState, Job, JobState, Study, StudyState
+from scxnn_node.store.models import (
+    AuditAction,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+)
 from scxnn_node.store.queue import JobQueue
 
 # The state a study takes when its current input already has a job in this state.
@@ -41,7 +51,9 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
     now = utc_now()
     with db.session() as session:
         if session.get(Instance, record.sop_instance_uid) is not None:
+            _audit_receipt(session, record, duplicate=True)
             return False
+        _audit_receipt(session, record, duplicate=False)
         session.add(
             Instance(
                 sop_instance_uid=record.sop_instance_uid,
@@ -71,6 +83,27 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
                 study.state = StudyState.RECEIVING  # a reported study gets an amended result
                 study.last_received_at = now
         return True
+
+
+def _audit_receipt(session: Session, record: InstanceRecord, duplicate: bool) -> None:
+    """A received instance: `received` (outcome stored, or duplicate of a known one), or, new
+    and excluded by the filters, `skipped` with the reason's code; never both, so the records
+    count each acknowledged C-STORE once."""
+    fields: dict[str, Any] = {
+        "study_uid": record.study_instance_uid,
+        "instance_uid": record.sop_instance_uid,
+        "party": record.calling_ae,
+        "size_bytes": record.size,
+    }
+    if duplicate:
+        append_audit(session, AuditAction.RECEIVED, outcome="duplicate", **fields)
+    elif record.skip_reason:
+        reason = record.skip_reason
+        append_audit(
+            session, AuditAction.SKIPPED, outcome=reason_code(reason), detail=reason, **fields
+        )
+    else:
+        append_audit(session, AuditAction.RECEIVED, outcome="stored", **fields)
 
 
 def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: str) -> int:
@@ -133,7 +166,9 @@ def _follow_existing_job(
 def mark_study_reported(session: Session, study_instance_uid: str) -> None:
     """Inside the transaction that stores a job's result: a queued study is now reported (one
     that received a new instance meanwhile stays receiving and gets its amended result)."""
-    study = session.get(Study, study_instance_uid)
+    # Locked and read anew (PostgreSQL): a C-STORE committed meanwhile has made the study
+    # receiving, and writing `reported` over it would keep its instance from every job.
+    study = session.get(Study, study_instance_uid, with_for_update=True, populate_existing=True)
     if study is not None and study.state == StudyState.QUEUED:
         study.state = StudyState.REPORTED
 
@@ -146,3 +181,11 @@ def mark_instances_unusable(session: Session, reasons: dict[str, str]) -> None:
         if instance is not None and instance.state == InstanceState.STORED:
             instance.state = InstanceState.UNUSABLE
             instance.skip_reason = reason[:2000]
+            append_audit(
+                session,
+                AuditAction.UNUSABLE,
+                study_uid=instance.study_instance_uid,
+                instance_uid=sop_instance_uid,
+                outcome=reason_code(reason),
+                detail=reason[:500],
+            )

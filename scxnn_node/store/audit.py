@@ -1,9 +1,16 @@
 """The audit trail: append a record of what happened (identifiers hashed, no patient data),
 count records for metrics, and read them back for export. Records are never updated or
-deleted by the node."""
+deleted by the node: no code path here or elsewhere changes a row once it is written.
+
+Each record is added by the store function that makes the change it records, in the same
+transaction (instance rows: assembly; results: results; deliveries: results; job failure:
+queue; retention: the cleaner). A refusal changes no state: `commit_audit` writes it alone.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -15,7 +22,20 @@ from scxnn_node.logs import hash_uids, redact, short_hash
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import AuditAction, AuditRecord
 
+log = logging.getLogger(__name__)
+
 _OUTCOME_CHARS = 64
+# Free-text reasons (filters, eligibility, triage) as short codes: an outcome is a label that
+# metrics count by, so it must come from a small set; the full reason goes to `detail`.
+_REASON_CODES = (
+    ("SOP class ", "sop_class_not_allowed"),
+    ("modality ", "modality_not_allowed"),
+    ("body part ", "body_part_not_allowed"),
+    ("lateral view", "lateral_view"),
+    ("view ", "view_not_allowed"),
+    ("no usable frontal chest image", "no_usable_image"),
+)
+_CODE_PREFIX = re.compile(r"([a-z][a-z_]{1,40}):")  # "not_dicom: ...", "unusable: ..."
 
 
 def append_audit(
@@ -48,6 +68,29 @@ def append_audit(
             detail=redact(hash_uids(detail)),
         )
     )
+
+
+def commit_audit(db: Database, action: AuditAction, **fields: Any) -> bool:
+    """Commit one record by itself, for a happening that changes no other row (a refused
+    C-STORE or association). Best effort: the caller's answer to its peer must not depend on
+    it, so a database error is logged and False returned."""
+    try:
+        with db.session() as session:
+            append_audit(session, action, **fields)
+    except Exception as exc:
+        log.warning("audit record %s not written: %s", action, type(exc).__name__)
+        return False
+    return True
+
+
+def reason_code(reason: str) -> str:
+    """A reason as a short code for an outcome ("body_part_not_allowed", "not_dicom", ...);
+    "other" for a reason of no known shape."""
+    for prefix, code in _REASON_CODES:
+        if reason.startswith(prefix):
+            return code
+    match = _CODE_PREFIX.match(reason)
+    return match.group(1) if match else "other"
 
 
 def audit_counts(session: Session) -> dict[tuple[str, str], int]:

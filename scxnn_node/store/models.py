@@ -8,6 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -61,19 +62,34 @@ class OutputKind(StrEnum):
 
 
 class AuditAction(StrEnum):
-    """What an audit record says happened (one record per happening, never updated)."""
+    """What an audit record says happened (one record per happening, never updated). Each
+    acknowledged C-STORE has one `received` or `skipped` record, each refused one `refused`:
+    their size_bytes add up to what callers sent. An outcome is a short code (metrics count by
+    it); `detail` carries the full reason."""
 
-    RECEIVED = "received"  # an instance stored and acknowledged (Success)
-    REFUSED = "refused"  # a C-STORE answered with a failure status (outcome: the status)
-    ASSOCIATION_REFUSED = "association_refused"  # a caller not allowed, a wrong called AE
-    SKIPPED = "skipped"  # an instance recorded, never analysed (outcome: the reason)
-    UNUSABLE = "unusable"  # an instance a worker could not use (outcome: the reason)
-    ANALYSED = "analysed"  # a study triaged (bundle, verdict, tier; seconds: worker busy time)
-    NOT_ANALYSED = "not_analysed"  # a study ended without a verdict (outcome: the reason)
-    DELIVERED = "delivered"  # an output sent (party: destination; seconds: last instance -> sent)
-    DELIVERY_FAILED = "delivery_failed"  # one failed attempt, to be retried
-    DEAD = "dead"  # a delivery given up after its last attempt
-    PURGED = "purged"  # a study's files removed by retention
+    # An instance acknowledged (Success); outcome "stored" (new, to analyse) or "duplicate"
+    # (a re-send of a known instance); party: the calling AE; size_bytes: its file.
+    RECEIVED = "received"
+    # A C-STORE answered with a failure status; outcome: the status ("0xA700", "0xC000").
+    REFUSED = "refused"
+    # outcome "calling_ae_not_allowed" or "called_ae_mismatch"; party: the calling AE.
+    ASSOCIATION_REFUSED = "association_refused"
+    # A new instance acknowledged but excluded by the filters (never analysed), instead of
+    # `received`; outcome: the reason's code ("body_part_not_allowed", "lateral_view", ...).
+    SKIPPED = "skipped"
+    UNUSABLE = "unusable"  # an instance a worker could not use (outcome: the reason's code)
+    # A study triaged: party the worker, bundle_version, outcome the verdict, risk_tier;
+    # seconds: the worker's busy time for the job (claim to result).
+    ANALYSED = "analysed"
+    # A study ended without a verdict; outcome: the reason's code ("no_usable_image", or
+    # "job_failed" when its job failed for good).
+    NOT_ANALYSED = "not_analysed"
+    # An output sent; party: the destination; outcome: the output kind (sr, summary, hl7);
+    # seconds: from the study's last received instance to the send.
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery_failed"  # one failed attempt, to be retried (detail: why)
+    DEAD = "dead"  # a delivery given up after its last attempt (instead of delivery_failed)
+    PURGED = "purged"  # an instance's file removed by retention (outcome "retention")
 
 
 class Base(DeclarativeBase):
@@ -225,3 +241,22 @@ class AuditRecord(Base):
     size_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")  # a short reason, identifiers hashed
+
+
+class DriftSample(Base):
+    """Drift watch's live window (scxnn_node/drift.py): one "study" row per analysed study
+    (its score and verdict), followed by one "image" row per image it analysed (input
+    statistics). Only the newest drift.window_studies studies are kept; no patient data."""
+
+    __tablename__ = "drift_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # "study" or "image"
+    abnormality_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    definite_normal: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    windowed_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bits_stored: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    manufacturer: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -23,8 +23,9 @@ from sqlalchemy import ColumnElement, exists, func, select, update
 from sqlalchemy.orm import Session, aliased
 
 from scxnn_node.logs import redact
+from scxnn_node.store.audit import append_audit
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Job, JobState, Study, StudyState
+from scxnn_node.store.models import AuditAction, Job, JobState, Study, StudyState
 
 MAX_RETRY_BACKOFF = timedelta(hours=1)
 CLAIM_CANDIDATES = 20  # PostgreSQL: jobs tried per claim when other workers hold their studies
@@ -42,6 +43,7 @@ class ClaimedJob:
     instance_uids: tuple[str, ...]
     bundle_version: str
     attempts: int
+    claimed_at: datetime | None = None  # when this claim began: the worker's busy time
 
 
 class JobQueue:
@@ -183,6 +185,7 @@ class JobQueue:
             tuple(json.loads(job.instance_uids)),
             job.bundle_version,
             job.attempts,
+            now,
         )
 
     def _held(self, job_id: int) -> ColumnElement[bool]:
@@ -217,6 +220,15 @@ class JobQueue:
             job.state = JobState.SUPERSEDED
         elif job.attempts >= self.max_attempts:
             job.state = JobState.FAILED
+            append_audit(
+                session,
+                AuditAction.NOT_ANALYSED,
+                study_uid=job.study_instance_uid,
+                party=job.lease_owner or "",
+                bundle_version=job.bundle_version,
+                outcome="job_failed",
+                detail=f"after {job.attempts} attempt(s): {error}"[:500],
+            )
         else:
             job.state = JobState.READY
             job.next_attempt_at = now + self.backoff(job.attempts)
@@ -310,7 +322,9 @@ class JobQueue:
                 job.attempts = 0
                 job.next_attempt_at = None
                 job.updated_at = now
-                study = session.get(Study, job.study_instance_uid)
+                study = session.get(
+                    Study, job.study_instance_uid, with_for_update=True, populate_existing=True
+                )  # locked: a C-STORE's `receiving` committed meanwhile is not overwritten
                 if study is not None and study.state == StudyState.FAILED:
                     study.state = StudyState.QUEUED
             return len(jobs)
@@ -346,7 +360,9 @@ class JobQueue:
 def _settle_study(session: Session, study_instance_uid: str) -> None:
     """A queued study with no job left to run takes the state of its latest job: reported when
     that is done, failed when it failed (a receiving study is left to get its next job)."""
-    study = session.get(Study, study_instance_uid)
+    # Locked and read anew (PostgreSQL): a C-STORE committed meanwhile has made the study
+    # receiving, and writing over it would keep its instance from every job.
+    study = session.get(Study, study_instance_uid, with_for_update=True, populate_existing=True)
     if study is None or study.state != StudyState.QUEUED:
         return
     session.flush()

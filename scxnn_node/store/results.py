@@ -10,14 +10,24 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from scxnn_node.logs import redact, short_hash
+from scxnn_node.store.audit import append_audit, reason_code
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery, DeliveryState, Event, OutputKind, Result
+from scxnn_node.store.models import (
+    AuditAction,
+    Delivery,
+    DeliveryState,
+    Event,
+    Job,
+    OutputKind,
+    Result,
+    Study,
+)
 from scxnn_node.store.queue import ClaimedJob
 from scxnn_node.store.retention import purged_instances
 
@@ -149,6 +159,7 @@ def record_result(
     )
     session.add(row)
     session.flush()
+    _audit_result(session, job, result, now)
     if purged:
         session.add(
             Event(
@@ -176,6 +187,31 @@ def record_result(
                     )
                 )
     return row.id
+
+
+def _audit_result(session: Session, job: ClaimedJob, result: StudyResult, now: datetime) -> None:
+    """`analysed` (outcome: the verdict) or `not_analysed` (outcome: the reason's code), by
+    the worker holding the job, with its busy time from claim to result."""
+    held = session.get(Job, job.id)
+    fields: dict[str, Any] = {
+        "study_uid": job.study_instance_uid,
+        "party": (held.lease_owner if held is not None else None) or "",
+        "bundle_version": job.bundle_version,
+        "seconds": (now - job.claimed_at).total_seconds() if job.claimed_at else None,
+    }
+    if result.verdict.value == "not_analysed":
+        reason = result.reason or ""
+        append_audit(
+            session, AuditAction.NOT_ANALYSED, outcome=reason_code(reason), detail=reason, **fields
+        )
+    else:
+        append_audit(
+            session,
+            AuditAction.ANALYSED,
+            outcome=result.verdict.value,
+            risk_tier=result.risk_tier or "",
+            **fields,
+        )
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
@@ -244,10 +280,12 @@ def record_attempts(
                 delivery.state = DeliveryState.SENT
                 delivery.last_error = None
                 sent += 1
+                _audit_delivery(session, delivery, AuditAction.DELIVERED, now)
                 continue
             delivery.last_error = redact(attempt.failure)[:2000]
             if attempt.final or delivery.attempts >= max_attempts:
                 delivery.state = DeliveryState.DEAD
+                _audit_delivery(session, delivery, AuditAction.DEAD, now)
                 log.error(
                     "delivery %d to %s dead after %d attempt(s): %s",
                     delivery.id,
@@ -257,7 +295,31 @@ def record_attempts(
                 )
             else:
                 delivery.next_attempt_at = now + backoff(delivery.attempts)
+                _audit_delivery(session, delivery, AuditAction.DELIVERY_FAILED, now)
     return sent
+
+
+def _audit_delivery(
+    session: Session, delivery: Delivery, action: AuditAction, now: datetime
+) -> None:
+    """One attempt's outcome: party the destination, outcome the output kind, detail why it
+    failed; a delivery sent carries the time from its study's last received instance."""
+    study_uid = session.execute(
+        select(Result.study_instance_uid).where(Result.id == delivery.result_id)
+    ).scalar_one_or_none()
+    study = session.get(Study, study_uid) if study_uid else None
+    seconds = None
+    if action is AuditAction.DELIVERED and study is not None:
+        seconds = max((now - study.last_received_at).total_seconds(), 0.0)
+    append_audit(
+        session,
+        action,
+        study_uid=study_uid or "",
+        party=delivery.destination,
+        outcome=delivery.kind,
+        seconds=seconds,
+        detail=delivery.last_error or "",
+    )
 
 
 def missing_output(spool_root: Path, path: str) -> str | None:

@@ -1,0 +1,162 @@
+"""Decoding and preprocessing of spooled instances, in processes of their own ahead of the engine.
+
+A J2K decode of a 2-3k px radiograph costs a good part of a CPU second; run in the worker's
+own thread it leaves the device idle. The worker submits each instance of a claimed study here
+and collects `DecodedInstance`s (the preprocessed uint8 image, the header, or why the instance
+cannot be used); meanwhile the engine works on the studies decoded before. The processes are
+the worker's own children (spawned, so no torch or CUDA state is inherited): they die with it,
+even when it is killed with -9, and what comes back over the pipe is plain data. A decode
+process that dies (a decoder crash, the OOM killer) breaks only the decodes it had pending: the
+pool is started again for the next submit. With `processes=0` every decode runs at submit time,
+in the worker's own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from scxnn_node.imaging.decode import ImageRejected, read_dataset
+from scxnn_node.imaging.preprocess import PreprocessSpec
+from scxnn_node.imaging.selection import SelectionPolicy
+from scxnn_node.lifetime import die_with_parent
+from scxnn_node.logs import configure_logging, short_hash
+from scxnn_node.triage import PreparedInstance, prepare_instance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodedInstance:
+    """One spooled instance after decoding: prepared (analysed or skipped by policy), and the
+    reason when the instance itself is unusable (it is then marked so; its study goes on)."""
+
+    prepared: PreparedInstance
+    unusable: str | None = None
+
+
+def identity_problem(ds: Dataset, sop_instance_uid: str, study_instance_uid: str) -> str | None:
+    """Why an instance cannot be named in an SR as evidence of its study (None: it can)."""
+    for keyword, name in (
+        ("StudyInstanceUID", "Study Instance UID"),
+        ("SeriesInstanceUID", "Series Instance UID"),
+        ("SOPInstanceUID", "SOP Instance UID"),
+        ("SOPClassUID", "SOP Class UID"),
+    ):
+        value = str(ds.get(keyword, "") or "")
+        if not value:
+            return f"no {name}"
+        if not UID(value).is_valid:
+            return f"{name} is not a valid UID"
+    if str(ds.SOPInstanceUID) != sop_instance_uid:
+        return "SOP Instance UID differs from the one it was received as"
+    if str(ds.StudyInstanceUID) != study_instance_uid:
+        return "Study Instance UID differs from its study's"
+    return None
+
+
+def decode_spooled_instance(
+    path: Path,
+    sop_instance_uid: str,
+    study_instance_uid: str,
+    spec: PreprocessSpec,
+    policy: SelectionPolicy | None = None,
+) -> DecodedInstance:
+    """Read, check, select and preprocess one spooled instance. Only MemoryError escapes: a bad
+    instance is a fact about that instance, not a failure of its study."""
+    try:
+        ds = read_dataset(path)
+        problem = identity_problem(ds, sop_instance_uid, study_instance_uid)
+        if problem is not None:
+            raise ValueError(problem)
+        return DecodedInstance(prepare_instance(ds, spec, policy))
+    except ImageRejected as exc:
+        log.warning("instance %s not analysable: %s", short_hash(sop_instance_uid), exc)
+        return DecodedInstance(
+            PreparedInstance(study_instance_uid, sop_instance_uid, None, str(exc))
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # this instance, not the study: the others go on
+        reason = f"unusable: {exc}"
+        log.warning("instance %s %s", short_hash(sop_instance_uid), reason)
+        return DecodedInstance(
+            PreparedInstance(study_instance_uid, sop_instance_uid, None, reason), reason
+        )
+
+
+def _start_decode_process(worker_pid: int, log_level: str, json_logs: bool) -> None:
+    """In each decode process: end with the worker, leave Ctrl-C to it, log as it does."""
+    die_with_parent()
+    if os.getppid() != worker_pid:  # the worker died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when its children end
+    configure_logging(log_level, json_logs)
+
+
+class DecodePool:
+    """`processes` decode processes (0: decode inline at submit), started at the first submit.
+    Submit from one thread that lives as long as the pool: Linux ties a child's death signal
+    to the thread that started it."""
+
+    def __init__(self, processes: int, log_level: str = "INFO", json_logs: bool = False) -> None:
+        self.processes = processes
+        self._logging = (log_level, json_logs)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(
+        self,
+        path: Path,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        spec: PreprocessSpec,
+        policy: SelectionPolicy | None,
+    ) -> Future[DecodedInstance]:
+        args = (path, sop_instance_uid, study_instance_uid, spec, policy)
+        if self.processes == 0:
+            done: Future[DecodedInstance] = Future()
+            try:
+                done.set_result(decode_spooled_instance(*args))
+            except MemoryError as exc:
+                done.set_exception(exc)
+            return done
+        try:
+            return self._pool().submit(decode_spooled_instance, *args)
+        except BrokenProcessPool:
+            log.error("a decode process died; starting the decode pool again")
+            self._discard()
+            return self._pool().submit(decode_spooled_instance, *args)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=mp.get_context("spawn"),
+                initializer=_start_decode_process,
+                initargs=(os.getpid(), *self._logging),
+            )
+        return self._executor
+
+    def _discard(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Cancel what has not started; a decode under way finishes in its process, unread."""
+        self._discard()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
