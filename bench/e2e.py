@@ -1,19 +1,30 @@
-"""End-to-end latency and throughput: C-STORE in, SR received by a PACS stand-in (storescp).
+"""The whole node against the bare engine, in one run: SCP, queue, pipelined worker, dispatcher
+to a loopback storescp (the PACS stand-in).
 
-    .venv/bin/python bench/e2e.py --bundle var/bundles/demo --studies 40
-    .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 6 \
-        --latency-studies 2
+    .venv/bin/python bench/e2e.py --small                     # CPU check: small arch, 256 px
+    .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 4 \
+        --latency-studies 1                                   # CPU: about 20 s a study
+    python3 bench/e2e.py --untrained densenet121 --size 1024 --device cuda:0 --studies 200 \
+        --source-px 2500 --j2k --decode-processes 6 --studies-in-flight 4 --json-out e2e.json
 
-Part 1, latency: studies sent one at a time, each waited for; p50/p95 of C-STORE sent -> SR
-received (quiet_seconds = 0, so the figure is the node's own delay plus inference).
-Part 2, saturated queue: all studies sent at once; end-to-end studies/s against the bare
-engine's studies/s on the same images in the same run (decode + preprocess + ensemble, no
-network, no database). Overhead = 1 - e2e / engine.
+Latency: studies sent one at a time, each waited for; p50/p95 from the end of the study's last
+C-STORE to its SR's arrival at the PACS. The node waits study.quiet_seconds for more instances
+before it queues a study, so that wait is printed separately (latency minus quiet).
+Saturated queue: all studies sent at once. Node time per study is the steady rate, (last SR -
+first SR) / (n - 1), which leaves out the pipeline filling and the quiet wait; studies/s over
+the whole burst is printed too. Engine time per study is measured in the same run after the
+node stopped: the same engine options, on the same preprocessed images, in passes of as many
+studies as the worker holds (its largest batch). Node overhead = (node time per study - engine
+time per study) / engine time per study. Decode + preprocess time per study (what the decode
+processes take off the engine's path) is printed as well. The figures depend on the machine's
+load: say what else ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import sys
@@ -31,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
+from scxnn_node.model.options import EngineOptions
 from scxnn_node.node import Node
 from scxnn_node.testing.dcmtk import Storescp, storescu
 from scxnn_node.testing.loopback import node_config
-from scxnn_node.testing.samples import sample_copies
+from scxnn_node.testing.samples import SAMPLE_DX
 from scxnn_node.triage import prepare_instance
 from training.untrained import untrained_bundle
 
@@ -60,27 +72,81 @@ def wait_for_srs(pacs: Storescp, count: int, timeout: float) -> dict[str, float]
     raise TimeoutError(f"only {len(sr_studies(pacs))}/{count} SRs arrived")
 
 
+def source_template(source_px: int | None, j2k: bool) -> pydicom.Dataset:
+    """The shipped chest DX, optionally resized to `source_px` (12-bit, as a CR/DX detector
+    gives) and JPEG 2000 compressed, so that decoding costs what it costs at a site."""
+    import cv2
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(SAMPLE_DX)
+    if source_px:
+        pixels = cv2.resize(ds.pixel_array, (source_px, source_px), interpolation=cv2.INTER_CUBIC)
+        ds.PixelData = (pixels.astype(np.uint16) << 4).tobytes()
+        ds.Rows = ds.Columns = source_px
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+    if j2k:
+        ds.compress(JPEG2000Lossless)
+    return ds
+
+
+def study_files(template: pydicom.Dataset, directory: Path, count: int) -> list[Path]:
+    """`count` one-instance studies: the template with new UIDs (pixels shared, not re-encoded)."""
+    from pydicom.uid import generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(count):
+        template.StudyInstanceUID = generate_uid()
+        template.SeriesInstanceUID = generate_uid()
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        path = directory / f"{i:05d}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--bundle", type=Path, default=Path("var/bundles/demo"))
-    parser.add_argument("--studies", type=int, default=40)
-    parser.add_argument("--latency-studies", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--untrained", metavar="ARCH", help="use untrained members of ARCH instead")
     parser.add_argument("--size", type=int, default=1024, help="input size with --untrained")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="quick check: --untrained densenet_small --size 256, 12 studies, 3 one at a time",
+    )
+    parser.add_argument("--studies", type=int, default=40, help="saturated-queue studies")
+    parser.add_argument("--latency-studies", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet-seconds", type=float, default=1.0, help="study.quiet_seconds")
+    parser.add_argument("--studies-in-flight", type=int, default=2)
+    parser.add_argument("--decode-processes", type=int, default=1)
+    parser.add_argument("--source-px", type=int, default=None, help="resize the sample (12-bit)")
+    parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless instances")
+    parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.small:
+        args.untrained, args.size = args.untrained or "densenet_small", 256
+        args.studies, args.latency_studies = min(args.studies, 12), min(args.latency_studies, 3)
     configure_logging("WARNING")
     root = Path(tempfile.mkdtemp(prefix="scxnn-e2e-"))
     if args.untrained:
         args.bundle = untrained_bundle(args.untrained, args.size, out=root / "bundle").path
+    template = source_template(args.source_px, args.j2k)
     pacs = Storescp(root / "pacs").start()
     config = node_config(
         root / "node",
         allowed_callers=None,
         model={"bundle": str(args.bundle), "devices": [args.device]},
-        study={"quiet_seconds": 0},
+        study={"quiet_seconds": args.quiet_seconds},
         destinations=[
             {
                 "name": "pacs",
@@ -91,58 +157,122 @@ def main() -> None:
             }
         ],
         scheduler={"readiness_seconds": 0.1, "delivery_seconds": 0.1},
-        worker={"poll_seconds": 0.05},
+        worker={
+            "poll_seconds": 0.05,
+            "studies_in_flight": args.studies_in_flight,
+            "decode_processes": args.decode_processes,
+        },
     )
     (root / "node").mkdir(parents=True, exist_ok=True)
     node = Node(config)
     node.start()
     try:
-        warm = sample_copies(root / "warm", 1)
+        warm = study_files(template, root / "warm", 1)
         storescu(config.node.port, *warm)
-        wait_for_srs(pacs, 1, 300)  # worker started and warmed up
-        latency_files = sample_copies(root / "latency", args.latency_studies)
+        wait_for_srs(pacs, 1, 600)  # worker started and warmed up
         latencies = []
-        for f in latency_files:
+        for f in study_files(template, root / "latency", args.latency_studies):
             before = len(sr_studies(pacs))
-            sent = time.time()
             storescu(config.node.port, f)
-            arrived = wait_for_srs(pacs, before + 1, 300)
+            stored = time.time()  # storescu returned: the last C-STORE was answered
+            arrived = wait_for_srs(pacs, before + 1, 600)
             study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-            latencies.append(arrived[study] - sent)
-        burst = sample_copies(root / "burst", args.studies)
+            latencies.append(arrived[study] - stored)
+        burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
         start = time.time()
         storescu(config.node.port, *burst)
-        arrived = wait_for_srs(pacs, before + len(burst), 1800)
-        last = max(arrived.values())
-        e2e = len(burst) / (last - start)
+        arrived = wait_for_srs(pacs, before + len(burst), 3600)
+        burst_uids = {
+            str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
+        }
+        times = sorted(t for uid, t in arrived.items() if uid in burst_uids)
     finally:
         node.stop()
         pacs.stop()
+    node_per_study = (times[-1] - times[0]) / max(1, len(times) - 1)
+    whole_burst = len(times) / (times[-1] - start)
+
     bundle = load_bundle(args.bundle)
-    engine = InferenceEngine(bundle)
     spec = bundle.manifest.preprocessing
-    prepare_instance(burst[0], spec)
+    engine = InferenceEngine(
+        bundle,
+        EngineOptions(
+            device=args.device,
+            batch_size=config.model.batch_size,
+            precision=config.model.precision,
+            backend=config.model.backend,
+        ),
+    )
     t0 = time.perf_counter()
-    for f in burst:
-        image = prepare_instance(f, spec).image
-        engine.member_logits(np.stack([image]))
-    bare = len(burst) / (time.perf_counter() - t0)
+    images = [prepare_instance(f, spec).image for f in burst]
+    decode_per_study = (time.perf_counter() - t0) / len(burst)
+    stack = np.stack(images)  # type: ignore[arg-type]
+    engine.member_logits(stack[: args.studies_in_flight])  # warm-up
+    t0 = time.perf_counter()
+    for first in range(0, len(stack), args.studies_in_flight):
+        engine.member_logits(stack[first : first + args.studies_in_flight])
+    engine_per_study = (time.perf_counter() - t0) / len(stack)
     shutil.rmtree(root, ignore_errors=True)
-    q = statistics.quantiles(latencies, n=20)
+
+    overhead = (node_per_study - engine_per_study) / engine_per_study
+    syntax = template.file_meta.TransferSyntaxUID.name
+    figures = {
+        "bundle": f"{bundle.manifest.name} {bundle.manifest.version}",
+        "architecture": bundle.manifest.architecture,
+        "size": spec.size,
+        "device": args.device,
+        "source": {"px": template.Rows, "transfer_syntax": syntax},
+        "worker": {
+            "studies_in_flight": args.studies_in_flight,
+            "decode_processes": args.decode_processes,
+            "engine_batch_size": engine.batch_size,
+        },
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
+        "quiet_seconds": args.quiet_seconds,
+        "latency_studies": len(latencies),
+        "latency_p50_s": statistics.median(latencies) if latencies else None,
+        "latency_p95_s": percentile(latencies, 95) if latencies else None,
+        "latency_minus_quiet_p50_s": (
+            statistics.median(latencies) - args.quiet_seconds if latencies else None
+        ),
+        "latency_minus_quiet_p95_s": (
+            percentile(latencies, 95) - args.quiet_seconds if latencies else None
+        ),
+        "saturated_studies": len(times),
+        "node_studies_per_s": 1 / node_per_study,
+        "node_studies_per_s_whole_burst": whole_burst,
+        "node_s_per_study": node_per_study,
+        "engine_s_per_study": engine_per_study,
+        "engine_studies_per_s": 1 / engine_per_study,
+        "decode_preprocess_s_per_study": decode_per_study,
+        "node_overhead": overhead,
+    }
     print(
-        f"bundle {bundle.manifest.name} {bundle.manifest.version} "
-        f"({bundle.manifest.architecture}, {spec.size} px) on {args.device}"
+        f"bundle {figures['bundle']} ({bundle.manifest.architecture}, {spec.size} px) on "
+        f"{args.device}; instances {template.Rows} px {figures['source']['transfer_syntax']}; "
+        f"{args.studies_in_flight} studies in flight, {args.decode_processes} decode processes; "
+        f"load average {figures['load_average_1m']:.1f} on {os.cpu_count()} CPUs"
     )
+    if latencies:
+        print(
+            f"latency last C-STORE -> SR received, {len(latencies)} studies one at a time: "
+            f"p50 {figures['latency_p50_s']:.2f} s, p95 {figures['latency_p95_s']:.2f} s "
+            f"(study.quiet_seconds {args.quiet_seconds:.1f} s of it; without it p50 "
+            f"{figures['latency_minus_quiet_p50_s']:.2f} s, p95 "
+            f"{figures['latency_minus_quiet_p95_s']:.2f} s)"
+        )
     print(
-        f"latency C-STORE -> SR received, {len(latencies)} studies one at a time: "
-        f"p50 {statistics.median(latencies):.2f} s, p95 {q[18]:.2f} s"
+        f"saturated queue, {len(times)} studies: node {1 / node_per_study:.3f} studies/s "
+        f"({node_per_study:.3f} s a study; {whole_burst:.3f} studies/s over the whole burst); "
+        f"engine alone {1 / engine_per_study:.3f} studies/s ({engine_per_study:.3f} s a study); "
+        f"node overhead {100 * overhead:.1f} % of engine time; decode + preprocess "
+        f"{decode_per_study:.3f} s a study (in the decode processes, off the engine's path)"
     )
-    print(
-        f"saturated queue, {len(burst)} studies: end to end {e2e:.4f} studies/s; "
-        f"bare engine (decode + preprocess + ensemble) {bare:.4f} studies/s; "
-        f"node overhead {100 * (1 - e2e / bare):.1f}%"
-    )
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

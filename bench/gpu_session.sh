@@ -1,24 +1,81 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 8 minutes of device time), writing logs and JSON to $OUT:
-#   1. the Kermany real-data check under the held-out protocol (import, fit, export, evaluate
-#      per image and per study at the bundle's serving precision), when .kermany/ holds the
-#      sample (the 720 PNGs of ../shared/data/kermany-sample, downscaled to 256 px so that they
-#      travel; see README "Real-data check");
-#   2. the inference benchmark of the 13-member DenseNet-121 ensemble at 1024 px.
+# One prepared GPU session (about 8 minutes of device time on an H100), writing logs and JSON to
+# $OUT (or --out DIR):
+#   1. inference.json: the 13-member DenseNet-121 ensemble at 1024 px (bench/inference.py);
+#   2. e2e.json: the whole node on the device (SCP, queue, pipelined worker, dispatcher to a
+#      loopback storescp) against the bare engine in the same run, 2500 px JPEG 2000 instances
+#      (bench/e2e.py);
+#   3. training.json: one DenseNet-121 member training at 1024 px (bench/training.py);
+#   4. with --kermany, the Kermany real-data check (held-out protocol), when .kermany/ holds the
+#      sample (the 720 PNGs of ../shared/data/kermany-sample downscaled to 256 px; README
+#      "Real-data check"); it does not fit in the 8 minutes with steps 1-3.
 # Runs with the machine's python3 and PyTorch; dependencies it lacks travel as wheels in .whl/.
+#
+# Dry run on a CPU (same steps, test-sized): bench/gpu_session.sh --cpu [--out DIR]
 set -uo pipefail
+cpu=0
+kermany=0
 out=${OUT:-/tmp/gpu-out}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu) cpu=1 ;;
+    --kermany) kermany=1 ;;
+    --out) out=$2; shift ;;
+    *) echo "usage: $0 [--cpu] [--kermany] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+python=python3
+if [ $cpu = 1 ]; then
+  [ -x .venv/bin/python ] && python=.venv/bin/python
+  device=cpu
+  inference=(--device cpu --arch densenet_small --size 256 --members 2 --studies 2 --repeats 1)
+  e2e=(--device cpu --small --studies 6 --latency-studies 2 --source-px 1500 --j2k)
+  training=(--device cpu --arch densenet_small --size 128 --count 16 --batch 4 --epochs 1
+    --workers 1)
+  limit=600
+else
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  device=cuda:0
+  inference=(--device cuda --studies 64)
+  e2e=(--device cuda:0 --untrained densenet121 --size 1024 --studies 120 --latency-studies 10
+    --source-px 2500 --j2k --decode-processes 8 --studies-in-flight 4)
+  training=(--device cuda --arch densenet121 --size 1024 --count 96 --batch 4 --epochs 2
+    --workers 8)
+  limit=200
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+$python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and \
+torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+status=0
+step() {  # name, seconds, command...: log to $out/name.log, keep going after a failure
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (limit ${seconds} s)"
+  local t0=$SECONDS
+  timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+  local code=$?
+  echo "$name exit $code after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
+  tail -8 "$out/$name.log"
+  [ $code = 0 ] || status=1
+}
 
-# 1. Kermany: fit/calibration split of validation patients, threshold on held-out studies.
-if [ -f .kermany/labels.csv ]; then
+# 1. Inference speed of the ensemble.
+step inference $((limit * 3 / 4)) $python bench/inference.py "${inference[@]}" \
+  --json-out "$out/inference.json"
+# 2. The whole node on the device against the bare engine.
+step e2e $((limit * 5 / 4)) $python bench/e2e.py "${e2e[@]}" --json-out "$out/e2e.json"
+# 3. Training speed of one member.
+step training $((limit * 3 / 4)) $python bench/training.py "${training[@]}" \
+  --json-out "$out/training.json"
+
+# 4. Kermany: fit/calibration split of validation patients, threshold on held-out studies.
+if [ $kermany = 1 ] && [ -f .kermany/labels.csv ]; then
   k=/tmp/kermany
   rm -rf "$k"
   {
@@ -28,7 +85,7 @@ if [ -f .kermany/labels.csv ]; then
       --manifest $k/manifest.csv --out $k/run &&
     python3 -m training.cli export --run $k/run --out $k/bundle --version 0.2.0 &&
     time python3 -m training.cli --no-progress evaluate --bundle $k/bundle \
-      --manifest $k/run/dataset/manifest.csv --out $k/eval --device cuda --workers 8
+      --manifest $k/run/dataset/manifest.csv --out $k/eval --device $device --workers 8
   } > "$out/kermany.log" 2>&1
   echo "kermany exit $?" | tee -a "$out/kermany.log"
   tail -5 "$out/kermany.log"
@@ -37,7 +94,5 @@ if [ -f .kermany/labels.csv ]; then
   cp $k/run/operating_point.json "$out/kermany-operating-point.json" 2>/dev/null
   cut -d, -f3 $k/run/image_roles.csv 2>/dev/null | sort | uniq -c | tee "$out/kermany-roles.txt"
 fi
-
-# 2. Inference speed of the 13-member ensemble at 1024 px.
-timeout 240 python3 bench/inference.py --device cuda --studies 64 \
-  --json-out "$out/inference.json" 2>&1 | tail -25
+ls -l "$out"
+exit $status

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", help="cpu or cuda:N (default: the config's first device)")
     infer.add_argument("--batch-size", type=int, default=None)
     infer.add_argument("--precision", choices=PRECISIONS, default=None)
-    infer.add_argument("--backend", choices=BACKENDS, default=None, help="default: eager")
+    infer.add_argument(
+        "--backend", choices=BACKENDS, default=None, help="default: the config's (auto)"
+    )
     infer.add_argument(
         "--body-part",
         action="append",
@@ -216,6 +218,7 @@ def _infer(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size or config.model.batch_size,
                 precision=args.precision or config.model.precision,
                 backend=args.backend or config.model.backend,
+                onnx_cache_dir=config.onnx_cache_dir(),
             ),
         )
         results = [triage_study(engine, uid, items) for uid, items in studies.items()]

@@ -28,7 +28,12 @@ from pydantic import (
 
 from scxnn_node.findings import RiskTier
 from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, SelectionPolicy
-from scxnn_node.model.options import check_backend, check_device, check_precision
+from scxnn_node.model.options import (
+    EngineOptions,
+    check_backend,
+    check_device,
+    check_precision,
+)
 from scxnn_node.model.result import UNSPECIFIED_TIER
 
 ENV_PREFIX = "SCXNN__"
@@ -130,7 +135,14 @@ class ModelSection(_Section):
     )
     batch_size: int | None = Field(default=None, ge=1)
     precision: Annotated[str, AfterValidator(check_precision)] = "auto"
-    backend: Annotated[str, AfterValidator(check_backend)] = "eager"
+    backend: Annotated[str, AfterValidator(check_backend)] = "auto"
+    onnx_cache_dir: Path | None = None  # None: onnx-cache/ beside the spool directory
+
+    @model_validator(mode="after")
+    def _backend_fits_devices(self) -> ModelSection:
+        for device in self.devices:  # the same rule EngineOptions applies, at config load
+            EngineOptions(device=device, precision=self.precision, backend=self.backend)
+        return self
 
 
 class StudySection(_Section):
@@ -346,6 +358,10 @@ class NodeConfig(_Section):
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique, got {names}")
         return value
+
+    def onnx_cache_dir(self) -> Path:
+        """Where the onnx backend caches exported members (model/onnx_backend.py)."""
+        return self.model.onnx_cache_dir or self.storage.spool_dir.parent / "onnx-cache"
 
     def selection_policy(self, body_parts: list[str] | None = None) -> SelectionPolicy:
         """The image selection policy of the filters section (body parts overridable)."""

@@ -111,6 +111,7 @@ class TriageWorker:
                 batch_size=config.model.batch_size,
                 precision=config.model.precision,
                 backend=config.model.backend,
+                onnx_cache_dir=config.onnx_cache_dir(),
             ),
         )
         self.owner = workers.worker_owner(os.getpid(), device)

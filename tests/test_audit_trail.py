@@ -240,8 +240,8 @@ def _receive(db: Database, study: str, sop: str) -> None:
     assert record_instance(db, InstanceRecord(sop, study, "1.2.9", "1.2.3", "x", 10, "PACS"))
 
 
-def test_unusable_instances_failed_jobs_and_deliveries_are_recorded(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+def test_unusable_instances_failed_jobs_and_deliveries_are_recorded(database_url):
+    db = Database(database_url)
     db.create_schema()
     study = "1.2.826.0.1.3680043.2.1125.77"
     _receive(db, study, study + ".1")

@@ -57,7 +57,7 @@ def test_bf16_autocast_on_cpu_stays_close(bundle):
 
 def test_compile_backend_matches_eager(bundle):
     images = _images(3, seed=3)  # 3 images in batches of 2: a full and a partial batch
-    eager = InferenceEngine(bundle, EngineOptions(batch_size=2))
+    eager = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="eager"))
     compiled = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="compile"))
     np.testing.assert_allclose(
         compiled.member_logits(images), eager.member_logits(images), atol=1e-4

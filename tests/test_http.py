@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -69,6 +71,18 @@ def test_http_keys_as_written_and_defaults(tmp_path):
     path.write_text("http: {enabled: true, token: secret}\n")
     with pytest.raises(ConfigError, match=r"http\.token: unknown key"):
         load_config(path, environ={})
+
+
+def test_the_http_package_imports_no_torch(tmp_path):
+    probe = (
+        "import sys, scxnn_node.http.server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
 
 
 # --- metrics from audit records, without a flow ----------------------------------------

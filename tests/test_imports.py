@@ -58,8 +58,9 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["jobs", "list", "--config", "{config}"], 0, ""),
         (["deliveries", "list", "--config", "{config}"], 0, ""),
         (["echo", "pacs", "--config", "{config}"], 1, "C-ECHO pacs"),
+        (["audit", "export", "--since", "2000-01-01", "--config", "{config}"], 0, ""),
     ],
-    ids=["help", "check-config", "status", "status-json", "jobs", "deliveries", "echo"],
+    ids=["help", "check-config", "status", "status-json", "jobs", "deliveries", "echo", "audit"],
 )
 def test_operational_commands_import_no_torch(config_file, argv, exit_code, says):
     args = [a.format(config=config_file) for a in argv]

@@ -193,3 +193,86 @@ def test_worker_killed_mid_study_still_gives_exactly_one_sr(tmp_path, demo_bundl
             rescuer.wait(30)
     finally:
         node.stop()
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_worker_killed_holding_several_studies_still_gives_exactly_one_sr_each(
+    tmp_path, demo_bundle_dir, pacs
+):
+    config = _config(tmp_path, demo_bundle_dir, pacs.port)
+    pipelined = config.worker.model_copy(update={"studies_in_flight": 3, "decode_processes": 1})
+    config = config.model_copy(update={"worker": pipelined})
+    node = Node(config, workers=False)  # workers started by hand below
+    node.start()
+    config_file = tmp_path / "c.yaml"
+    worker_cmd = [sys.executable, "-m", "scxnn_node.cli", "worker", "--config", str(config_file)]
+    config_file.write_text(config.model_dump_json())  # JSON is YAML
+    studies = [pydicom.uid.generate_uid() for _ in range(3)]
+    files = [
+        write(
+            make_dataset(chest_pixels(128, seed=seed, bits=12), study_uid=study),
+            tmp_path / f"{seed}.dcm",
+        )
+        for seed, study in enumerate(studies)
+    ]
+    try:
+        assert storescu(config.node.port, *files).returncode == 0
+
+        def queued() -> bool:
+            with node.db.session() as s:
+                return len(s.execute(select(Job)).all()) == 3
+
+        wait_for(queued, 60, interval=0.05)
+        victim_log = (tmp_path / "victim.log").open("wb")
+        victim = subprocess.Popen(worker_cmd, stdout=victim_log, stderr=subprocess.STDOUT)
+
+        def several_claimed() -> int:
+            with node.db.session() as s:
+                claimed = s.execute(select(Job).where(Job.state == "claimed")).scalars().all()
+            return len(claimed) >= 2 and bool(_children_of(victim.pid)) and len(claimed)
+
+        try:
+            held = wait_for(several_claimed, 120, interval=0.02)
+        except TimeoutError:
+            victim.kill()
+            raise AssertionError((tmp_path / "victim.log").read_text()[-3000:]) from None
+        decoders = _children_of(victim.pid)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        assert held >= 2  # the victim held several studies when it died
+        wait_for(lambda: not any(_running(pid) for pid in decoders), 30, interval=0.1)
+        rescuer = subprocess.Popen(
+            worker_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for(lambda: len(pacs.received()) >= 2 * len(studies), 240)
+            time.sleep(3)
+            srs = _by_class(pacs.received())["Comprehensive 3D SR Storage"]
+            assert sorted(sr.StudyInstanceUID for sr in srs) == sorted(studies)  # one each
+            with node.db.session() as s:
+                results = s.execute(select(Result)).scalars().all()
+            assert sorted(r.study_instance_uid for r in results) == sorted(studies)
+        finally:
+            rescuer.send_signal(signal.SIGTERM)
+            rescuer.wait(30)
+    finally:
+        node.stop()

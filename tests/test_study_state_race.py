@@ -6,6 +6,7 @@ instances). On SQLite BEGIN IMMEDIATE serialises the two: the C-STORE simply com
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -140,3 +141,47 @@ def test_a_store_committed_as_a_lease_is_recovered_is_not_lost(
     with db.session() as session:
         states = session.execute(select(Job.state).order_by(Job.id)).scalars().all()
     assert states == [JobState.FAILED, JobState.READY]
+
+
+def test_a_store_waiting_on_the_scheduler_makes_its_study_receiving_again(
+    db: Database, database_url: str
+) -> None:
+    """The C-STORE reads its study as `receiving` while the scheduler, holding the study's
+    row, turns it into a job without the new (uncommitted) instance. The C-STORE must write
+    `receiving` over the scheduler's `queued` (an ORM write of the value it read would be left
+    out as no change), or the study is reported without its new instance."""
+    record_instance(db, _record(STUDY + ".1.1"))
+    with db.session() as session:  # quiet long ago
+        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+    if db.is_sqlite:  # BEGIN IMMEDIATE serialises: the scheduler's pass simply comes first
+        assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
+        record_instance(db, _record(STUDY + ".1.2"))
+    else:
+        plain = database_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(plain) as scheduler, psycopg.connect(plain, autocommit=True) as watch:
+            # The scheduler's pass (enqueue_quiet_studies), stopped while it holds the study.
+            scheduler.execute(
+                "SELECT state FROM studies WHERE study_instance_uid = %s FOR UPDATE", (STUDY,)
+            )
+            thread = threading.Thread(target=record_instance, args=(db, _record(STUDY + ".1.2")))
+            thread.start()
+            wait_for(
+                lambda: not thread.is_alive()
+                or watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0],
+                60,
+                0.02,
+            )
+            scheduler.execute(
+                "UPDATE studies SET state = 'queued' WHERE study_instance_uid = %s", (STUDY,)
+            )
+            scheduler.commit()
+            thread.join(60)
+        assert not thread.is_alive()
+    with db.session() as session:
+        assert session.get(Study, STUDY).state == StudyState.RECEIVING
+        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+    # ... and so the next pass gives the study a job for both of its instances.
+    assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
+    with db.session() as session:
+        newest = session.execute(select(Job).order_by(Job.id.desc())).scalars().first()
+        assert newest.instance_uids == json.dumps([STUDY + ".1.1", STUDY + ".1.2"])

@@ -301,11 +301,12 @@ def test_a_worker_whose_lease_is_gone_abandons_its_job(config, db, spool):
 
 
 class _StoppedMidStudyWorker(TriageWorker):
-    """Receives SIGTERM (a graceful stop of the node) while it triages."""
+    """Receives SIGTERM (a graceful stop of the node) while it triages (run's pipeline runs
+    the engine through _infer)."""
 
-    def _triage(self, job):
+    def _infer(self, studies):
         os.kill(os.getpid(), signal.SIGTERM)
-        return super()._triage(job)
+        return super()._infer(studies)
 
 
 def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(

@@ -23,6 +23,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import IntegrityError
 
 from scxnn_node.config import AllowedCaller, NodeConfig, TlsSection
 from scxnn_node.imaging.selection import assess_eligibility
@@ -181,8 +182,7 @@ class IngestService:
             # re-send, or a crash before the commit); anything else there is replaced.
             if not holds_instance(self.spool.absolute(rel), uids.sop_instance):
                 self.spool.store_file(received, rel)
-            new = record_instance(
-                self.db,
+            new = self._record(
                 InstanceRecord(
                     sop_instance_uid=uids.sop_instance,
                     study_instance_uid=uids.study,
@@ -212,6 +212,15 @@ class IngestService:
         else:
             log.info("instance %s of study %s stored", sop, short_hash(uids.study))
         return SUCCESS
+
+    def _record(self, record: InstanceRecord) -> bool:
+        """Commit the instance's row. A concurrent association may commit the first instance
+        of the same study (or this very instance) between the look-up and the insert
+        (PostgreSQL, read committed); the unique key refuses ours, and a second try sees it."""
+        try:
+            return record_instance(self.db, record)
+        except IntegrityError:
+            return record_instance(self.db, record)
 
     def _refused(
         self,

@@ -123,10 +123,10 @@ def _audit_counters(session: Session) -> Iterator[Metric]:
         (
             "scxnn_delivery_attempts_failed",
             AuditAction.DELIVERY_FAILED,
-            "Failed delivery attempts (each is retried with backoff until max_attempts).",
+            "Failed delivery attempts to be retried (the last one counts as given up).",
         ),
         ("scxnn_deliveries_given_up", AuditAction.DEAD, "Deliveries that became dead."),
-        ("scxnn_studies_purged", AuditAction.PURGED, "Studies whose files retention removed."),
+        ("scxnn_instances_purged", AuditAction.PURGED, "Received files retention removed."),
     ):
         yield CounterMetricFamily(name, text, value=per_action[action])
 

@@ -208,7 +208,7 @@ def _drift(drift: dict[str, Any] | None) -> list[str]:
             else (
                 f"<span class=ok>{_e(s['state'])}</span>" if s["state"] == "ok" else _e(s["state"])
             ),
-            _e(describe_statistic(s)),
+            _e(describe_statistic(s).removeprefix(f"{s['name']}: ")),
         ]
         for s in drift["statistics"]
     ]

@@ -21,7 +21,7 @@ from scxnn_node.model.decision import abnormality_scores, not_analysed_result, r
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.manifest import member_file
 from scxnn_node.model.member import MemberNet
-from scxnn_node.model.options import EngineOptions
+from scxnn_node.model.options import EngineOptions, resolve_backend
 from scxnn_node.model.result import StudyResult
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ class InferenceEngine:
                 self.manifest.precision,
                 self.precision,
             )
-        self.backend = self.options.backend
+        self.backend = resolve_backend(
+            self.options.backend, self.options.device, self.options.precision
+        )
         size = self.manifest.preprocessing.size
         self.batch_size = self.options.batch_size or default_batch_size(
             self.device, self.manifest.architecture, size

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# auto = onnx on the CPU at fp32 (measured faster there: README, "Speed"), eager otherwise.
 # compile = torch.compile: minutes to start at 1024 px and measured no faster than eager on a
 # 2-core CPU; for GPUs. onnx = ONNX Runtime, CPU and fp32 only (model/onnx_backend.py).
 # (TorchScript + oneDNN Graph fusion was measured too: no faster than eager, not offered.)
-BACKENDS = ("eager", "compile", "onnx")
+BACKENDS = ("auto", "eager", "compile", "onnx")
 
 
 def check_device(value: str) -> str:
@@ -34,6 +35,13 @@ def check_backend(value: str) -> str:
     return value
 
 
+def resolve_backend(backend: str, device: str, precision: str) -> str:
+    """The backend an engine runs: `auto` made concrete for this device and precision."""
+    if backend != "auto":
+        return backend
+    return "onnx" if device == "cpu" and precision in ("auto", "fp32") else "eager"
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     device: str = "cpu"
@@ -41,7 +49,7 @@ class EngineOptions:
     precision: str = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     channels_last: bool = True
     fused: bool = True  # BN folded, no re-concatenation (model/fused.py); same outputs
-    backend: str = "eager"
+    backend: str = "auto"
     # Where the onnx backend keeps exported members; None: export at every engine start.
     onnx_cache_dir: Path | None = None
 

@@ -69,7 +69,12 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
             )
         )
         if record.skip_reason is None:
-            study = session.get(Study, record.study_instance_uid)
+            # Locked (PostgreSQL): a scheduler pass holding the study, turning it into a job
+            # without this uncommitted instance, is waited for and its `queued` read; writing
+            # `receiving` over a stale `receiving` would be left out as no change.
+            study = session.get(
+                Study, record.study_instance_uid, with_for_update=True, populate_existing=True
+            )
             if study is None:
                 session.add(
                     Study(

@@ -168,10 +168,10 @@ class ChaosRun:
         """SIGSTOP the worker that holds a claimed job (its pid is in the lease owner) until
         the lease has expired and another worker has had time to take the job over. Probe
         studies give the workers something to hold when the queue is empty (workers can take
-        a minute to start on a busy machine)."""
+        a minute to start on a busy machine, several on a machine loaded by other work)."""
         db = NodeDatabase(self.node.database_url)
         try:
-            deadline, probes, probed = time.monotonic() + 120, 0, 0.0
+            deadline, probes, probed = time.monotonic() + 300, 0, 0.0
             while time.monotonic() < deadline:
                 jobs = db.rows("SELECT id, state, lease_owner FROM jobs")
                 for job in jobs:
