@@ -3,8 +3,8 @@
     .venv/bin/python bench/inference.py                      # densenet121, 1024 px, cpu
     .venv/bin/python bench/inference.py --device cuda:0 --studies 32
     .venv/bin/python bench/inference.py --size 512 --studies 2  # quicker look
-    .venv/bin/python bench/inference.py --quick --members 1 --studies 3 --repeats 5
-                                        # fused eager vs ONNX Runtime only, one member
+    .venv/bin/python bench/inference.py --quick --members 1 --studies 1 \
+        --engine-repeats 3 --repeats 5      # fused eager vs ONNX Runtime only, one member
 
 Members get random weights (speed does not depend on them). FLOPs are counted with
 torch.utils.flop_counter on one member's inference pass. The naive baseline is measured in the
@@ -90,6 +90,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed repeats of single-member passes"
+    )
+    parser.add_argument(
+        "--engine-repeats", type=int, default=1, help="timed runs of all studies per backend"
     )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="auto")
@@ -178,11 +181,16 @@ def main() -> None:
     images = np.random.default_rng(1).integers(
         0, 256, (args.studies, args.size, args.size), dtype=np.uint8
     )
-    # One study (one image through every member) per timed call, backends in turns.
+    # Each timed call runs all studies (in the engine's batches), backends in turns.
     study_calls: dict[str, Callable[[], object]] = {}
     for backend, engine in engines.items():
-        study_calls[backend] = (lambda e: lambda: e.member_logits(images[:1]))(engine)
-    study_times = interleaved_timings(study_calls, args.studies, device)
+        study_calls[backend] = (lambda e: lambda: e.member_logits(images))(engine)
+    study_times = {
+        backend: [t / args.studies for t in times]
+        for backend, times in interleaved_timings(
+            study_calls, args.engine_repeats, device
+        ).items()
+    }
     engine = engines[backends[0]]
     naive_key = "naive: decoder kept, NCHW, fp32"
     naive_study = variants[naive_key]["min"] * args.members if naive_key in variants else None
@@ -199,7 +207,7 @@ def main() -> None:
         }
         print(
             f"ensemble through the engine, backend {backend} (batch {engines[backend].batch_size},"
-            f" {engines[backend].precision}), {args.studies} studies: "
+            f" {engines[backend].precision}), {args.engine_repeats} x {args.studies} studies: "
             f"{per_study:.2f} / {statistics.median(t):.2f} s per study (min / median); "
             f"min {rate(per_study / args.members)}"
             + (f"; {naive_study / per_study:.2f}x the naive baseline" if naive_study else "")

@@ -146,14 +146,21 @@ class DecodePool:
             )
         return self._executor
 
-    def _discard(self) -> None:
+    def _discard(self, terminate: bool = False) -> None:
         executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if executor is None:
+            return
+        # The stdlib keeps the processes there; a graceful end was seen to hang the worker's
+        # exit on a loaded machine, and a decode process holds nothing worth ending gracefully.
+        held = getattr(executor, "_processes", None) or {}
+        processes = list(held.values()) if terminate else []
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
 
     def close(self) -> None:
-        """Cancel what has not started; a decode under way finishes in its process, unread."""
-        self._discard()
+        """Cancel the decodes not started and end the processes (a decode under way is lost)."""
+        self._discard(terminate=True)
 
     def __enter__(self) -> DecodePool:
         return self

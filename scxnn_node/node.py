@@ -135,6 +135,8 @@ class Node:
         )
 
     def start(self) -> None:
+        if self.http is not None:
+            self.http.start()  # first: a port in use fails before anything runs
         for destination in self.config.destinations:
             if destination.kind != "dicom":  # no echo in HL7 or STOW-RS: the first result tells
                 continue
@@ -160,8 +162,6 @@ class Node:
             self._supervisor.start()
             self._await_ingest_processes()
         self.scheduler.start()
-        if self.http is not None:
-            self.http.start()
         self.db.record_event(
             "node",
             f"started with bundle {read_manifest(self.config.model.bundle).name} "

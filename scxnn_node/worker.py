@@ -274,6 +274,7 @@ class TriageWorker:
         try:
             triaged = triage()
             self._finish(job, triaged)
+            self._let_go(job.id)  # done: no more beats (one now would find the lease ended)
             self._log_outcome(job, triaged.result)
         except StopRequested:
             try:
@@ -381,7 +382,9 @@ class TriageWorker:
                 except Exception as exc:
                     log.warning("job %d: heartbeat failed (%s); retrying", lease.job.id, exc)
                     continue
-                if not held:
+                with self._leases_lock:
+                    concluded = lease.job.id not in self._leases  # completed meanwhile
+                if not held and not concluded:
                     log.warning("job %d: lease lost", lease.job.id)
                     lease.lost.set()
 

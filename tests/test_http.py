@@ -159,6 +159,15 @@ def test_retry_is_off_without_a_token_and_the_server_stops(view):
         assert sock.connect_ex(("127.0.0.1", server.config.http.port)) != 0  # closed
 
 
+def test_a_port_in_use_fails_at_start(view):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", view.config.http.port))
+        taken.listen()
+        server = HttpServer(view.config, view.db, view.spool, view.manifest)
+        with pytest.raises(OSError):
+            server.start()
+
+
 # --- after a real flow ---------------------------------------------------------------------
 
 PATIENT_NAME = "Doe^Janet"
