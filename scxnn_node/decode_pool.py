@@ -154,9 +154,9 @@ class DecodePool:
         # exit on a loaded machine, and a decode process holds nothing worth ending gracefully.
         held = getattr(executor, "_processes", None) or {}
         processes = list(held.values()) if terminate else []
-        executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
+        executor.shutdown(wait=terminate, cancel_futures=True)  # terminated: ends at once
 
     def close(self) -> None:
         """Cancel the decodes not started and end the processes (a decode under way is lost)."""

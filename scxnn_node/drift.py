@@ -394,7 +394,8 @@ def prune_drift_samples(db: Database, window_studies: int) -> int:
 def describe_statistic(entry: dict[str, Any]) -> str:
     """A statistic's dict (DriftStatistic.to_dict) as one line of text."""
     name, state, n = entry["name"], entry["state"], entry["samples"]
-    counted = f"{n} {entry['unit']}{'' if n == 1 else 's'}"
+    plural = {STUDY: "studies"}.get(entry["unit"], f"{entry['unit']}s")
+    counted = f"{n} {entry['unit'] if n == 1 else plural}"
     if state == DriftState.NO_REFERENCE:
         return f"{name}: no reference in the bundle ({counted})"
     if state == DriftState.TOO_FEW_SAMPLES:
