@@ -13,20 +13,13 @@ from sqlalchemy import select
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Job, Study, StudyState
+from scxnn_node.testing.datasets import stored_instance_record
 
 STUDY = "1.2.826.0.1.3680043.10.9.1"
 
 
 def _record(sop: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=sop,
-        study_instance_uid=STUDY,
-        series_instance_uid=STUDY + ".1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        path=f"instances/x/{sop}.dcm",
-        size=1,
-        calling_ae="PACS",
-    )
+    return stored_instance_record(STUDY, sop)
 
 
 def test_a_store_committed_during_enqueue_is_not_lost(database_url: str) -> None:

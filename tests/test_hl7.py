@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from scxnn_node.dispatcher import Dispatcher
 from scxnn_node.findings import RiskTier
 from scxnn_node.hl7.mllp import END, START
 from scxnn_node.hl7.oru import StudyHeaders, ack_failure, build_oru, control_id_of
+from scxnn_node.logs import short_hash
 from scxnn_node.model.result import (
     BundleIdentity,
     FindingResult,
@@ -35,6 +37,7 @@ from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Delivery, Job, Result
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.loopback import free_port, node_config
+from scxnn_node.testing.pki import Pki
 from scxnn_node.worker import TriageWorker
 
 Reply = Callable[[bytes], bytes | None]  # a received message -> the listener's answer
@@ -53,12 +56,15 @@ def ack(code: str, text: str = "") -> Reply:
 
 class MllpListener:
     """A RIS on loopback: reads framed messages, keeps them, and writes back whatever `reply`
-    makes of each (nothing when it returns None)."""
+    makes of each (nothing when it returns None). With `tls` it speaks only TLS, and keeps the
+    protocol version of each connection that completed its handshake."""
 
-    def __init__(self, port: int, reply: Reply) -> None:
+    def __init__(self, port: int, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
         self.reply = reply
+        self.tls = tls
         self.received: list[bytes] = []
+        self.tls_versions: list[str | None] = []
         self.server = socket.create_server(("127.0.0.1", port))
         self.server.settimeout(0.2)
         self.stopping = threading.Event()
@@ -71,21 +77,28 @@ class MllpListener:
                 connection, _ = self.server.accept()
             except TimeoutError:
                 continue
-            with connection:
-                connection.settimeout(5)
-                buffer = b""
-                try:
-                    while chunk := connection.recv(4096):
-                        buffer += chunk
-                        while END in buffer:
-                            framed, buffer = buffer.split(END, 1)
-                            message = framed.removeprefix(START)
-                            self.received.append(message)
-                            answer = self.reply(message)
-                            if answer is not None:
-                                connection.sendall(answer)
-                except OSError:
-                    pass
+            connection.settimeout(5)
+            try:
+                if self.tls is not None:  # a handshake the client refuses raises SSLError
+                    connection = self.tls.wrap_socket(connection, server_side=True)
+                    self.tls_versions.append(connection.version())
+                self._answer(connection)
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    def _answer(self, connection: socket.socket) -> None:
+        buffer = b""
+        while chunk := connection.recv(4096):
+            buffer += chunk
+            while END in buffer:
+                framed, buffer = buffer.split(END, 1)
+                message = framed.removeprefix(START)
+                self.received.append(message)
+                answer = self.reply(message)
+                if answer is not None:
+                    connection.sendall(answer)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -97,8 +110,10 @@ class MllpListener:
 def listen() -> Iterator[Callable[..., MllpListener]]:
     started: list[MllpListener] = []
 
-    def start(reply: Reply, port: int | None = None) -> MllpListener:
-        started.append(MllpListener(port or free_port(), reply))
+    def start(
+        reply: Reply, port: int | None = None, tls: ssl.SSLContext | None = None
+    ) -> MllpListener:
+        started.append(MllpListener(port or free_port(), reply, tls))
         return started[-1]
 
     yield start
@@ -209,6 +224,30 @@ def test_a_definite_normal_result_flags_nothing_and_an_amended_one_is_a_correcti
     assert "risk-tier" not in obx and "finding" not in obx
     parsed = parse_message(message.decode().strip("\r"), find_groups=False)
     assert parsed.obr.obr_25.to_er7() == "C"
+
+
+def test_a_study_not_analysed_reaches_the_ris_with_its_reason():
+    instance = "1.2.826.0.1.3680043.8.498.77"
+    result = StudyResult(
+        "1.2.826.0.1.3680043.8.498.1", Verdict.NOT_ANALYSED,
+        f"no usable frontal chest image: unusable: {instance} has no pixel data",
+        None, None, None, (), BundleIdentity("chest-demo", "1.4.0", demo=True),
+    )  # fmt: skip
+    destination = _destination(2575, default_priority="routine", priorities={"critical": "stat"})
+    message = _oru(result, destination)
+    obx = _observations(message)
+    assert obx["verdict"][0].startswith("not_analysed^")
+    assert obx["model"] == ["chest-demo 1.4.0"]
+    assert obx["113014"] == ["1.2.826.0.1.3680043.8.498.1"]
+    [reason] = obx["reason"]
+    assert reason.startswith("no usable frontal chest image: unusable: ")
+    assert instance not in reason and short_hash(instance) in reason
+    assert not {"risk-tier", "finding", "abnormality-score"} & set(obx)
+    parsed = parse_message(message.decode().strip("\r"), find_groups=False)
+    [verdict] = [o for o in parsed.obx if o.obx_3.obx_3_1.to_er7() == "verdict"]
+    assert verdict.obx_8.to_er7() == "N"  # not flagged abnormal
+    assert parsed.tq1.tq1_9.tq1_9_1.to_er7() == "R"
+    assert parsed.pid.pid_3.cx_4.to_er7() == "HOSP"
 
 
 @pytest.mark.parametrize(
@@ -373,6 +412,78 @@ def test_a_listener_that_is_down_and_comes_back_gets_the_message(tmp_path, datab
     assert dispatcher.deliver_due() == 1
     [delivery] = _deliveries(db)
     assert (delivery.state, delivery.attempts, delivery.last_error) == ("sent", 2, None)
+    assert len(ris.received) == 1
+    db.dispose()
+
+
+# --- MLLP over TLS -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+def _server_tls(certificate: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    return context
+
+
+def test_a_pinned_ca_sends_the_message_over_tls(tmp_path, database_url, listen, pki):
+    ris = listen(ack("AA"), tls=_server_tls(*pki.issue("ris")))
+    config, db, spool = _dispatch_parts(
+        tmp_path, database_url, ris.port, tls={"enabled": True, "ca": str(pki.cert)}
+    )
+    _seed_hl7(db, spool, config.destinations[0])
+    assert Dispatcher(config, db, spool).deliver_due() == 1
+    [delivery] = _deliveries(db)
+    assert (delivery.state, delivery.last_error) == ("sent", None)
+    assert ris.received == [spool.absolute("outbox/1.a/hl7-0.hl7").read_bytes()]
+    assert len(ris.tls_versions) == 1 and ris.tls_versions[0].startswith("TLSv1.")
+    db.dispose()
+
+
+def test_a_ris_certificate_of_another_ca_is_refused(tmp_path, database_url, listen, pki):
+    stranger = Pki(tmp_path / "other-ca", "other-ca")
+    ris = listen(ack("AA"), tls=_server_tls(*stranger.issue("ris")))
+    config, db, spool = _dispatch_parts(
+        tmp_path, database_url, ris.port, tls={"enabled": True, "ca": str(pki.cert)}
+    )
+    _seed_hl7(db, spool, config.destinations[0])
+    dispatcher = Dispatcher(config, db, spool)
+    assert dispatcher.deliver_due() == 0  # and no exception
+    [delivery] = _deliveries(db)
+    assert (delivery.state, delivery.attempts) == ("pending", 1)
+    assert "TLS" in delivery.last_error and "certificate" in delivery.last_error
+    assert ris.received == [] and ris.tls_versions == []
+    # The dispatcher goes on: the same delivery, due again, is tried again.
+    _due_now(db)
+    assert dispatcher.deliver_due() == 0
+    assert _deliveries(db)[0].attempts == 2
+    db.dispose()
+
+
+def test_a_ris_certificate_for_another_host_is_refused_unless_the_check_is_off(
+    tmp_path, database_url, listen, pki
+):
+    misnamed = pki.issue("ris-elsewhere", "DNS:ris.elsewhere.example")
+    ris = listen(ack("AA"), tls=_server_tls(*misnamed))
+    pinned = {"enabled": True, "ca": str(pki.cert)}
+    config, db, spool = _dispatch_parts(tmp_path, database_url, ris.port, tls=pinned)
+    _seed_hl7(db, spool, config.destinations[0])
+    assert Dispatcher(config, db, spool).deliver_due() == 0
+    [delivery] = _deliveries(db)
+    assert delivery.state == "pending"
+    assert "TLS" in delivery.last_error and "127.0.0.1" in delivery.last_error
+    assert ris.received == []
+    # The documented way around a RIS whose certificate names another host: a pinned CA and
+    # check_hostname off (the CA still has to be the pinned one).
+    unchecked, _, _ = _dispatch_parts(
+        tmp_path, database_url, ris.port, tls={**pinned, "check_hostname": False}
+    )
+    _due_now(db)
+    assert Dispatcher(unchecked, db, spool).deliver_due() == 1
     assert len(ris.received) == 1
     db.dispose()
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from scxnn_node.node import Node
 from scxnn_node.store.models import Instance
 from scxnn_node.testing.loopback import node_config, wait_for
+from scxnn_node.testing.node_process import process_alive
 from scxnn_node.testing.peers import Sent, echo, store_files
 from scxnn_node.testing.samples import sample_copies
 
@@ -41,13 +42,6 @@ def _ingest_pids(node: Node) -> list[int]:
     return [s.process.pid for s in node._slots if s.device is None and s.process is not None]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in ("Z", "X")
-
 
 def _stop_within(node: Node, seconds: float, **kwargs: object) -> bool:
     stopper = threading.Thread(target=node.stop, kwargs=kwargs, daemon=True)
@@ -64,7 +58,7 @@ def test_concurrent_senders_every_acknowledged_instance_has_its_row_and_file(
     node.start()
     try:
         assert len(_ingest_pids(node)) == PROCESSES
-        assert all(_alive(pid) for pid in _ingest_pids(node))
+        assert all(process_alive(pid) for pid in _ingest_pids(node))
         groups = [files[i::SENDERS] for i in range(SENDERS)]
         port = node.config.node.port
         with ThreadPoolExecutor(SENDERS) as pool:
@@ -105,10 +99,10 @@ def test_a_killed_ingest_process_is_restarted_and_the_node_keeps_answering(
         before = _ingest_pids(node)
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: not _alive(victim), 30, interval=0.05)
+        wait_for(lambda: not process_alive(victim), 30, interval=0.05)
         assert all(echo(node.config.node.port) for _ in range(2 * PROCESSES))  # the others
         replaced = wait_for(
-            lambda: [p for p in _ingest_pids(node) if p not in before and _alive(p)], 120
+            lambda: [p for p in _ingest_pids(node) if p not in before and process_alive(p)], 120
         )
         assert len(replaced) == 1 and len(_ingest_pids(node)) == PROCESSES
         died = [r for r in caplog.records if "died" in r.getMessage()]
@@ -120,7 +114,7 @@ def test_a_killed_ingest_process_is_restarted_and_the_node_keeps_answering(
         assert wait_for(restarted_listens, 60)
     finally:
         assert _stop_within(node, 60)
-    assert not any(_alive(pid) for pid in _ingest_pids(node) + before)
+    assert not any(process_alive(pid) for pid in _ingest_pids(node) + before)
 
 
 def test_stop_kills_an_ingest_process_that_does_not_answer(tmp_path, small_bundle_dir):
@@ -130,7 +124,7 @@ def test_stop_kills_an_ingest_process_that_does_not_answer(tmp_path, small_bundl
     os.kill(pids[0], signal.SIGSTOP)  # frozen: SIGTERM stays pending
     try:
         assert _stop_within(node, 60, timeout=2)
-        assert not any(_alive(pid) for pid in pids)
+        assert not any(process_alive(pid) for pid in pids)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pids[0], signal.SIGKILL)
@@ -143,4 +137,4 @@ def test_start_fails_when_another_program_holds_the_port(tmp_path, small_bundle_
         squatter.listen()
         with pytest.raises(RuntimeError, match="did not start listening"):
             node.start()
-    assert not any(_alive(pid) for pid in _ingest_pids(node))
+    assert not any(process_alive(pid) for pid in _ingest_pids(node))

@@ -24,21 +24,14 @@ from scxnn_node.store.assembly import (
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Job, JobState, Study, StudyState
 from scxnn_node.store.queue import ClaimedJob, JobQueue
+from scxnn_node.testing.datasets import stored_instance_record
 from scxnn_node.testing.loopback import wait_for
 
 STUDY = "1.2.826.0.1.3680043.10.9.2"
 
 
 def _record(sop: str) -> InstanceRecord:
-    return InstanceRecord(
-        sop_instance_uid=sop,
-        study_instance_uid=STUDY,
-        series_instance_uid=STUDY + ".1",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
-        path=f"instances/x/{sop}.dcm",
-        size=1,
-        calling_ae="PACS",
-    )
+    return stored_instance_record(STUDY, sop)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from scxnn_node.store.assembly import InstanceRecord, record_instance
 from scxnn_node.store.db import Database
 from scxnn_node.store.models import Job
 from scxnn_node.testing.loopback import node_config, wait_for
+from scxnn_node.testing.node_process import process_alive
 
 
 def _config(tmp_path: Path, bundle: Path, url: str | None = None):
@@ -48,14 +49,6 @@ def _live_workers(db: Database) -> list[dict]:
 def _pid(worker: dict) -> int:
     return int(worker["owner"].split(":")[1])
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting to be reaped is dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in ("Z", "X")
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -128,7 +121,7 @@ def test_stop_ends_after_a_worker_was_killed(tmp_path, small_bundle_dir):
     node.start()
     (worker,) = wait_for(lambda: _live_workers(node.db), 120)
     _kill(_pid(worker))
-    wait_for(lambda: not _alive(_pid(worker)), 30, interval=0.05)
+    wait_for(lambda: not process_alive(_pid(worker)), 30, interval=0.05)
     assert _stop_within(node, 60)
 
 
@@ -140,7 +133,7 @@ def test_stop_kills_a_worker_that_does_not_answer(tmp_path, small_bundle_dir):
     _kill(pid, signal.SIGSTOP)  # frozen: SIGTERM stays pending
     try:
         assert _stop_within(node, 60, timeout=2)
-        assert not _alive(pid)
+        assert not process_alive(pid)
     finally:
         _kill(pid)
 
@@ -161,7 +154,7 @@ def test_workers_die_with_a_killed_serve(tmp_path, small_bundle_dir):
         pid = _pid(worker)
         serve.send_signal(signal.SIGKILL)  # no chance to stop its workers
         serve.wait(30)
-        wait_for(lambda: not _alive(pid), 60, interval=0.1)
+        wait_for(lambda: not process_alive(pid), 60, interval=0.1)
     finally:
         serve.kill()
         if pid is not None:

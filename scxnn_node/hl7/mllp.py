@@ -59,7 +59,11 @@ def exchange(
     connection: socket.socket = raw
     try:
         if ssl_context is not None:
-            connection = ssl_context.wrap_socket(raw, server_hostname=host)
+            try:
+                connection = ssl_context.wrap_socket(raw, server_hostname=host)
+            except ssl.SSLError as exc:  # said as such: a certificate problem, not the network
+                failure = f"TLS handshake with {host}:{port} failed: {_tls_failure(exc)}"
+                return [Reply(error=failure)] * len(messages)
         for message in messages:
             connection.sendall(frame(message))
             replies.append(Reply(content=_read_reply(connection)))
@@ -71,3 +75,10 @@ def exchange(
         connection.close()
     not_sent = Reply(error="not sent: the connection failed on an earlier message")
     return replies + [not_sent] * (len(messages) - len(replies))
+
+
+def _tls_failure(exc: ssl.SSLError) -> str:
+    """Why a handshake failed, in the words of the check that refused it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the RIS's certificate was refused: {exc.verify_message}"
+    return exc.reason or str(exc)

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 
 from scxnn_node.config import Hl7Destination
 from scxnn_node.findings import PRIVATE_SCHEME
+from scxnn_node.logs import hash_uids
 from scxnn_node.model.result import StudyResult, Verdict
 
 VERSION = "2.5.1"
@@ -75,12 +76,14 @@ def build_oru(
     amended: bool,
     now: datetime,
 ) -> bytes:
-    """The ORU^R01 of an analysed result: PID and OBR from the study, a priority in TQ1 and
-    OBR-27, and an OBX each for the verdict, the risk tier, every flagged finding, the
-    abnormality score and the model. `amended`: a later result of a study already reported
-    (result status C, corrected, instead of F)."""
-    if result.verdict is Verdict.NOT_ANALYSED or result.abnormality_score is None:
-        raise ValueError("an ORU^R01 carries an analysed result")
+    """The ORU^R01 of a result: PID and OBR from the study, a priority in TQ1 and OBR-27, and
+    an OBX each for the verdict, the risk tier, every flagged finding, the abnormality score
+    and the model. A study not analysed says so too (the RIS learns it was not triaged): its
+    verdict, the reason (UIDs hashed) and the model, at the default priority. `amended`: a
+    later result of a study already reported (result status C, corrected, instead of F)."""
+    analysed = result.verdict is not Verdict.NOT_ANALYSED
+    if analysed and result.abnormality_score is None:
+        raise ValueError("an analysed result without an abnormality score")
     stamp = now.strftime("%Y%m%d%H%M%S%z")  # with its offset: a RIS need not guess the zone
     status = "C" if amended else "F"
     message = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.TOLERANT)
@@ -113,7 +116,7 @@ def build_oru(
     obr.obr_18 = escaped(study.accession_number)
     obr.obr_22 = stamp
     obr.obr_25 = status
-    code, meaning = PRIORITY_CODES[destination.priority(result.risk_tier)]
+    code, meaning = PRIORITY_CODES[destination.priority(result.risk_tier if analysed else None)]
     obr.obr_27 = f"^^^^^{code}"  # TQ-6, for a RIS that still reads the 2.4 field
     timing: Group = order.add_group("ORU_R01_TIMING_QTY")
     timing.tq1.tq1_1 = "1"
@@ -129,7 +132,10 @@ def build_oru(
             "A" if abnormal else "N",
         ),
     ]
-    if result.risk_tier is not None:
+    if not analysed:
+        reason = hash_uids(result.reason or "")  # a reason may name an instance by its UID
+        observations.append(("ST", _coded("reason", "Reason not analysed"), escaped(reason), ""))
+    if analysed and result.risk_tier is not None:
         observations.append(
             (
                 "CWE",
@@ -138,20 +144,21 @@ def build_oru(
                 "",
             )
         )
-    for finding in result.flagged_findings:
+    for finding in result.flagged_findings if analysed else ():
         code_value, scheme, code_meaning = finding_codes.get(
             finding.name, (finding.name, PRIVATE_SCHEME, finding.name)
         )
         value = _coded(code_value, code_meaning, scheme)
         observations.append(("CWE", _coded("finding", "Flagged finding"), value, "A"))
-    observations.append(
-        (
-            "NM",
-            _coded("abnormality-score", "Abnormality score"),
-            f"{result.abnormality_score:.6f}",
-            "",
+    if analysed:
+        observations.append(
+            (
+                "NM",
+                _coded("abnormality-score", "Abnormality score"),
+                f"{result.abnormality_score:.6f}",
+                "",
+            )
         )
-    )
     observations.append(
         ("ST", _coded("model", "Model"), escaped(f"{model_name} {model_version}"), "")
     )

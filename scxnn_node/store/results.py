@@ -57,9 +57,10 @@ class ReportedSr:
 
 @dataclass(frozen=True)
 class JobOutputs:
-    """The SR and summary image a job wrote to the outbox."""
+    """What a job wrote to the outbox: its SR and summary image (none for a study not
+    analysed, which has only its HL7 messages)."""
 
-    sr: SrReference
+    sr: SrReference | None
     summary_series_instance_uid: str
     summary_sop_instance_uid: str
     paths: Mapping[str, str]  # OutputKind -> spool-relative path
@@ -69,6 +70,10 @@ class JobOutputs:
     def path(self, destination: str, kind: str) -> str:
         """The file a delivery of `kind` to `destination` sends."""
         return self.hl7_paths[destination] if kind == OutputKind.HL7 else self.paths[kind]
+
+    def has(self, destination: str, kind: str) -> bool:
+        """Whether the job wrote what a delivery of `kind` to `destination` sends."""
+        return destination in self.hl7_paths if kind == OutputKind.HL7 else kind in self.paths
 
     @property
     def all_paths(self) -> list[str]:
@@ -136,8 +141,10 @@ def record_result(
 ) -> int:
     """Add a job's result row and, when it has outputs, a pending delivery of each output to
     each destination (name -> output kinds), inside the caller's transaction: the one that
-    completes the job under its lease, so that all of it becomes visible or none."""
+    completes the job under its lease, so that all of it becomes visible or none. A kind the
+    job did not write (no SR of a study not analysed) is not delivered."""
     now = utc_now()
+    sr = outputs.sr if outputs else None
     # A late instance after retention: the study's earlier files are gone, so this result is
     # of what is left. Said in the result and, for `status`, as a warning event.
     purged = purged_instances(session, job.instance_uids)
@@ -149,12 +156,12 @@ def record_result(
         risk_tier=result.risk_tier,
         abnormality_score=result.abnormality_score,
         result_json=json.dumps(payload),
-        sr_series_instance_uid=outputs.sr.series_instance_uid if outputs else "",
-        sr_sop_class_uid=outputs.sr.sop_class_uid if outputs else "",
-        sr_sop_instance_uid=outputs.sr.sop_instance_uid if outputs else "",
+        sr_series_instance_uid=sr.series_instance_uid if sr else "",
+        sr_sop_class_uid=sr.sop_class_uid if sr else "",
+        sr_sop_instance_uid=sr.sop_instance_uid if sr else "",
         summary_series_instance_uid=outputs.summary_series_instance_uid if outputs else "",
         summary_sop_instance_uid=outputs.summary_sop_instance_uid if outputs else "",
-        predecessor_id=predecessor.result_id if outputs and predecessor else None,
+        predecessor_id=predecessor.result_id if sr and predecessor else None,
         created_at=now,
     )
     session.add(row)
@@ -174,6 +181,8 @@ def record_result(
     if outputs is not None:
         for destination, kinds in destinations.items():
             for kind in kinds:
+                if not outputs.has(destination, kind):
+                    continue
                 session.add(
                     Delivery(
                         result_id=row.id,

@@ -16,6 +16,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import split_dataset
 
+from scxnn_node.store.assembly import InstanceRecord
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -130,3 +132,17 @@ def mutate_file(source: Path, target: Path, edits: Sequence[Edit]) -> Path:
 def sample_files() -> list[Path]:
     """The real chest radiographs shipped with the node."""
     return sorted(SAMPLES.glob("*.dcm"))
+
+
+def stored_instance_record(study_uid: str, sop_uid: str) -> InstanceRecord:
+    """What the SCP records for a chest image of `study_uid` (no file behind it): for tests of
+    the study's state machine that go straight to the store."""
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        study_instance_uid=study_uid,
+        series_instance_uid=study_uid + ".1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        path=f"instances/x/{sop_uid}.dcm",
+        size=1,
+        calling_ae="PACS",
+    )
