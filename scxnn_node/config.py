@@ -174,7 +174,7 @@ _TIER_NAMES = frozenset({t.value for t in RiskTier} | {UNSPECIFIED_TIER})
 
 
 class Hl7Destination(_Section):
-    """A RIS that receives every analysed result as an HL7 v2.5.1 ORU^R01 over MLLP."""
+    """A RIS that receives every result as an HL7 v2.5.1 ORU^R01 over MLLP."""
 
     kind: Literal["hl7"]
     name: str

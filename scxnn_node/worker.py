@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -452,22 +453,7 @@ class TriageWorker:
                 paths[kind] = self.spool.outbox_path(job.id, attempt, kind)
                 self.spool.write_durably(paths[kind], _encode(dataset))
             study = StudyHeaders.of(analysed[0].header)  # type: ignore[arg-type]
-            for index, destination in enumerate(self.hl7_destinations):
-                message = build_oru(
-                    result,
-                    study,
-                    destination,
-                    model_name=self.manifest.name,
-                    model_version=self.manifest.version,
-                    finding_codes=self.finding_codes,
-                    control_id=uuid.uuid4().hex[:20],
-                    amended=predecessor is not None,
-                    now=datetime.now(UTC),
-                )
-                # One message per HL7 destination (its MSH names the destination's parties).
-                rel = self.spool.outbox_path(job.id, attempt, f"{OutputKind.HL7}-{index}")
-                hl7_paths[destination.name] = rel.removesuffix(".dcm") + ".hl7"
-                self.spool.write_durably(hl7_paths[destination.name], message)
+            self._write_orus(job, attempt, result, study, predecessor is not None, hl7_paths)
         except BaseException:
             self._remove([*paths.values(), *hl7_paths.values()])
             raise
@@ -475,6 +461,78 @@ class TriageWorker:
             sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID
         )
         return JobOutputs(reference, summary_series_uid, summary_uid, paths, hl7_paths)
+
+    def _write_orus(
+        self,
+        job: ClaimedJob,
+        attempt: str,
+        result: StudyResult,
+        study: StudyHeaders,
+        amended: bool,
+        written: dict[str, str],
+    ) -> None:
+        """An ORU^R01 per HL7 destination (its MSH names the destination's parties), each
+        path put in `written` (destination -> path) as soon as its file may exist."""
+        for index, destination in enumerate(self.hl7_destinations):
+            message = build_oru(
+                result,
+                study,
+                destination,
+                model_name=self.manifest.name,
+                model_version=self.manifest.version,
+                finding_codes=self.finding_codes,
+                control_id=uuid.uuid4().hex[:20],
+                amended=amended,
+                now=datetime.now(UTC),
+            )
+            rel = self.spool.outbox_path(job.id, attempt, f"{OutputKind.HL7}-{index}")
+            written[destination.name] = rel.removesuffix(".dcm") + ".hl7"
+            self.spool.write_durably(written[destination.name], message)
+
+    def _build_not_analysed_outputs(
+        self,
+        job: ClaimedJob,
+        result: StudyResult,
+        prepared: list[PreparedInstance],
+        amended: bool,
+    ) -> JobOutputs | None:
+        """A study not analysed has no SR, but each RIS still learns it was not triaged: its
+        ORU^R01 messages, None when there is no HL7 destination or no header to name the
+        patient and order by."""
+        if not self.hl7_destinations:
+            return None
+        study = self._study_headers(job, prepared)
+        if study is None:
+            log.warning(
+                "study %s not analysed and no instance header readable: no HL7 result sent",
+                short_hash(job.study_instance_uid),
+            )
+            return None
+        attempt = uuid.uuid4().hex[:16]
+        hl7_paths: dict[str, str] = {}
+        try:
+            self._write_orus(job, attempt, result, study, amended, hl7_paths)
+        except BaseException:
+            self._remove(hl7_paths.values())
+            raise
+        return JobOutputs(None, "", "", {}, hl7_paths)
+
+    def _study_headers(
+        self, job: ClaimedJob, prepared: list[PreparedInstance]
+    ) -> StudyHeaders | None:
+        """The study as a received instance's header names it: a prepared instance's, or, when
+        none was read (every image unusable), the first spooled instance whose header reads."""
+        for instance in prepared:
+            if instance.header is not None:
+                return StudyHeaders.of(instance.header)
+        for _, path in readable_instances(self.db, job.instance_uids):
+            try:
+                header = dcmread(self.spool.absolute(path), stop_before_pixels=True)
+            except Exception as exc:  # garbage or a missing file: try the next instance
+                log.debug("header of %s unreadable: %s", path, exc)
+                continue
+            return StudyHeaders.of(header)
+        return None
 
     def _finish(self, job: ClaimedJob, triaged: Triaged) -> None:
         self._checkpoint(job)
@@ -489,6 +547,10 @@ class TriageWorker:
             if result.verdict is not Verdict.NOT_ANALYSED:
                 outputs = self._build_outputs(
                     job, result, triaged.prepared, predecessor.sr if predecessor else None
+                )
+            else:
+                outputs = self._build_not_analysed_outputs(
+                    job, result, triaged.prepared, predecessor is not None
                 )
             # One commit: the result, its deliveries and the study's state become visible
             # only through the completion that checks our lease (DESIGN rule 2).

@@ -537,6 +537,60 @@ def test_the_worker_queues_an_oru_for_each_hl7_destination(
     db.dispose()
 
 
+def test_a_study_not_analysed_reaches_each_ris_and_no_pacs(
+    tmp_path, small_bundle_dir, database_url, listen
+):
+    ris, other_ris = listen(ack("AA")), listen(ack("AA"))
+    config = node_config(
+        tmp_path,
+        database={"url": database_url},
+        model={"bundle": str(small_bundle_dir)},
+        destinations=[
+            {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port},
+            {"name": "ris-2", "kind": "hl7", "host": "127.0.0.1", "port": other_ris.port},
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(),
+             "outputs": ["sr", "summary"]},
+        ],
+    )
+    db = Database(config.database.url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    worker = TriageWorker(config, "cpu")
+    study = pydicom.uid.generate_uid()
+    ds = make_dataset(chest_pixels(96, seed=3, bits=12), study_uid=study)
+    ds.PatientID, ds.AccessionNumber = "MRN-7", "ACC-10"
+    series = ds.SeriesInstanceUID
+    del ds.SeriesInstanceUID  # unusable: the worker reads no header of it for the triage
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    rel = spool.instance_path(study, ds.SOPInstanceUID)
+    spool.write_durably(rel, buffer.getvalue())
+    assert record_instance(db, InstanceRecord(ds.SOPInstanceUID, study, series,
+                                              ds.SOPClassUID, rel, 1, "PACS"))
+    assert enqueue_quiet_studies(db, 0, worker.manifest.version) == 1
+    assert worker.process_next()
+    with db.session() as s:
+        result = s.execute(select(Result)).scalar_one()
+    assert result.verdict == "not_analysed"
+    assert (result.sr_sop_instance_uid, result.summary_sop_instance_uid) == ("", "")
+    deliveries = _deliveries(db)
+    assert sorted((d.destination, d.kind) for d in deliveries) == [
+        ("ris", "hl7"), ("ris-2", "hl7")
+    ]
+    assert len({d.path for d in deliveries}) == 2  # a message per RIS
+    assert Dispatcher(config, db, spool).deliver_due() == 2
+    for listener in (ris, other_ris):
+        [message] = listener.received
+        parsed = parse_message(message.decode().strip("\r"), find_groups=False)
+        assert parsed.pid.pid_3.cx_1.to_er7() == "MRN-7"
+        assert parsed.obr.obr_3.to_er7() == "ACC-10"
+        obx = _observations(message)
+        assert obx["verdict"][0].startswith("not_analysed^")
+        assert obx["reason"] and "abnormality-score" not in obx
+    worker.db.dispose()
+    db.dispose()
+
+
 def test_a_destination_whose_kind_changed_dead_letters_what_it_cannot_take(
     tmp_path, database_url, listen
 ):
