@@ -312,9 +312,14 @@ def _dispatch_parts(tmp_path: Path, database_url: str, port: int, **keys: object
         ],
         delivery={"max_attempts": 3, "backoff_seconds": 60},
     )
+    return (config, *_store_of(config))
+
+
+def _store_of(config: NodeConfig) -> tuple[Database, Spool]:
+    """The node's database (schema made) and spool, as a worker or dispatcher opens them."""
     db = Database(config.database.url)
     db.create_schema()
-    return config, db, Spool(config.storage.spool_dir)
+    return db, Spool(config.storage.spool_dir)
 
 
 def _seed_hl7(db: Database, spool: Spool, destination: Hl7Destination, count: int = 1) -> None:
@@ -505,9 +510,7 @@ def test_the_worker_queues_an_oru_for_each_hl7_destination(
              "outputs": ["sr"]},
         ],
     )
-    db = Database(config.database.url)
-    db.create_schema()
-    spool = Spool(config.storage.spool_dir)
+    db, spool = _store_of(config)
     worker = TriageWorker(config, "cpu")
     study = pydicom.uid.generate_uid()
     ds = make_dataset(chest_pixels(96, seed=3, bits=12), study_uid=study)
@@ -552,9 +555,7 @@ def test_a_study_not_analysed_reaches_each_ris_and_no_pacs(
              "outputs": ["sr", "summary"]},
         ],
     )
-    db = Database(config.database.url)
-    db.create_schema()
-    spool = Spool(config.storage.spool_dir)
+    db, spool = _store_of(config)
     worker = TriageWorker(config, "cpu")
     study = pydicom.uid.generate_uid()
     ds = make_dataset(chest_pixels(96, seed=3, bits=12), study_uid=study)

@@ -309,11 +309,9 @@ class _StoppedMidStudyWorker(TriageWorker):
         return super()._infer(studies)
 
 
-def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(
-    config, db, spool
-):
-    study = _queued_study(db, spool)
-    worker = _StoppedMidStudyWorker(config, "cpu")
+def _run_until_signalled(worker: TriageWorker) -> None:
+    """Run the worker with the node's signal handling until a SIGTERM it sends itself stops it,
+    then put the test process's handlers back."""
     stop = threading.Event()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop_on_signals(stop)
@@ -322,6 +320,14 @@ def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_sigterm_mid_study_hands_the_study_back_without_counting_an_attempt(
+    config, db, spool
+):
+    study = _queued_study(db, spool)
+    worker = _StoppedMidStudyWorker(config, "cpu")
+    _run_until_signalled(worker)
     with db.session() as s:
         job = s.execute(select(Job)).scalar_one()
         assert (job.state, job.attempts, job.lease_owner) == ("ready", 0, None)
@@ -448,14 +454,7 @@ def test_a_stopping_pipeline_hands_back_every_study_it_holds(
     config = make_config(studies_in_flight=3, decode_processes=decode_processes)
     studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
     worker = _StoppedMidBatchWorker(config, "cpu")
-    stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    stop_on_signals(stop)
-    try:
-        worker.run(stop)  # returns: the signal stopped it
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    _run_until_signalled(worker)
     assert worker.passes  # it was stopped with studies in the engine
     with db.session() as s:
         jobs = s.execute(select(Job)).scalars().all()
