@@ -182,7 +182,9 @@ def record_result(
         for destination, kinds in destinations.items():
             for kind in kinds:
                 if not outputs.has(destination, kind):
-                    continue
+                    if outputs.sr is None:  # a study not analysed has only its HL7 messages
+                        continue
+                    raise KeyError(f"the job wrote no {kind} output for {destination}")
                 session.add(
                     Delivery(
                         result_id=row.id,
