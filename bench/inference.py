@@ -5,20 +5,27 @@
     .venv/bin/python bench/inference.py --size 512 --studies 2  # quicker look
     .venv/bin/python bench/inference.py --quick --members 1 --studies 1 \
         --engine-repeats 3 --repeats 5      # fused eager vs ONNX Runtime only, one member
+    python3 bench/inference.py --device cuda:0 --quick --studies 64 \
+        --sweep eager:16,eager:32,cuda_graph:32,cuda_graph:32:4   # GPU: backend:batch[:streams]
 
 Members get random weights (speed does not depend on them). FLOPs are counted with
 torch.utils.flop_counter on one member's inference pass. The naive baseline is measured in the
 same run: decoder kept, NCHW, fp32, one image at a time, no fusion. Every form is timed pass by
 pass in turns (form A, form B, ..., then again), so a load that comes and goes on a shared
 machine falls on all of them alike; min and median are printed. On the CPU the onnx backend
-(ONNX Runtime) runs beside eager in the same process. The CPU peak defaults to the cores torch
-uses x 2.45 GHz x 32 FP32 FLOP/cycle (AVX2, two FMA units); override --peak-gflops.
+(ONNX Runtime) runs beside eager in the same process. On a GPU the single-member forms are the
+fused member at --member-batch images, bf16 by autocast (the engine before 2026-11-27) and with
+its weights cast to bf16 (the engine now); --sweep then times whole-ensemble engines one after
+another (backend, batch, CUDA streams), each on the same images, and keeps the fastest. The
+CPU peak defaults to the cores torch uses x 2.45 GHz x 32 FP32 FLOP/cycle (AVX2, two FMA
+units); override --peak-gflops.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -77,6 +84,115 @@ def member_flops(arch: str, size: int) -> int:
     return int(counter.get_total_flops())
 
 
+def gpu_member_forms(
+    args: argparse.Namespace, device: torch.device, rate: Callable[[float], str]
+) -> dict[str, dict[str, float]]:
+    """One member at --member-batch images: bf16 by autocast (before) vs weights cast (now)."""
+    plain = MemberNet(args.arch, with_decoder=False).eval()
+    fused32 = FusedMember(plain).to(device).to(memory_format=torch.channels_last)
+    fused16 = copy.deepcopy(fused32).to(torch.bfloat16)
+    x32 = torch.rand(args.member_batch, 1, args.size, args.size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    x16 = x32.to(torch.bfloat16)
+
+    def autocast_pass() -> object:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fused32(x32)
+
+    forms: dict[str, Callable[[], object]] = {
+        "fused, bf16 autocast (before)": autocast_pass,
+        "fused, bf16 weights (now)": lambda: fused16(x16),
+    }
+    with torch.inference_mode():
+        times = interleaved_timings(forms, args.repeats, device)
+    variants = {}
+    print(f"one member, {args.member_batch} images a pass, {args.repeats} passes: per image")
+    for name, t in times.items():
+        v = {key: value / args.member_batch for key, value in summary(t).items()}
+        variants[name] = v
+        print(f"  {name:<34} {v['min'] * 1e3:7.2f} / {v['median'] * 1e3:7.2f} ms  {rate(v['min'])}")
+    return variants
+
+
+def sweep_engines(
+    args: argparse.Namespace, device: torch.device, flops: int, peak: float | None
+) -> dict[str, dict[str, object]]:
+    """Whole-ensemble engines, one after another, on the same images: studies/s of each."""
+    bundle = untrained_bundle(args.arch, args.size, THESIS_CATALOGUE.names[: args.members])
+    images = np.random.default_rng(1).integers(
+        0, 256, (args.studies, args.size, args.size), dtype=np.uint8
+    )
+    results: dict[str, dict[str, object]] = {}
+    reference: np.ndarray | None = None
+    for spec in args.sweep.split(","):
+        backend, batch, *rest = spec.split(":")
+        streams = int(rest[0]) if rest else 1
+        start = time.perf_counter()
+        try:
+            engine = InferenceEngine(
+                bundle,
+                EngineOptions(
+                    device=str(device),
+                    batch_size=int(batch),
+                    precision=args.precision,
+                    backend=backend,
+                    member_streams=streams,
+                    compile_mode=args.compile_mode,
+                ),
+            )
+            with torch.inference_mode():
+                logits = engine.member_logits(images[: int(batch)])  # warm-up: capture, tune
+            ready = time.perf_counter() - start
+            times = [
+                t / args.studies
+                for t in interleaved_timings(
+                    {spec: functools.partial(engine.member_logits, images)},
+                    args.engine_repeats,
+                    device,
+                )[spec]
+            ]
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
+            print(f"engine {spec}: failed: {str(exc).splitlines()[0][:200]}")
+            results[spec] = {"error": str(exc).splitlines()[0][:500]}
+            torch.cuda.empty_cache()
+            continue
+        if reference is None:
+            reference = logits
+        per_study = min(times)
+        achieved = flops * args.members / per_study / 1e9
+        results[spec] = {
+            "backend": backend,
+            "batch": int(batch),
+            "member_streams": streams,
+            "precision": engine.precision,
+            "ready_seconds": ready,
+            "seconds_per_study": summary(times),
+            "studies_per_s": 1 / per_study,
+            "achieved_gflops": achieved,
+            "percent_of_peak": 100 * achieved / peak if peak else None,
+            "max_logit_difference_to_first": float(
+                np.abs(logits[: len(reference)] - reference[: len(logits)]).max()
+            ),
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+        print(
+            f"engine {spec:<20} ({engine.precision}): {1 / per_study:7.1f} studies/s "
+            f"(min of {args.engine_repeats} x {args.studies}), {achieved / 1e3:6.1f} TFLOP/s"
+            + (f" {100 * achieved / peak:4.1f}% of peak" if peak else "")
+            + f", ready in {ready:.1f} s, "
+            f"peak memory {results[spec]['peak_memory_gib']:.1f} GiB"
+        )
+        del engine
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = {k: v for k, v in results.items() if "studies_per_s" in v}
+    if timed:
+        best = max(timed, key=lambda k: timed[k]["studies_per_s"])  # type: ignore[arg-type,return-value]
+        print(f"fastest: {best} at {timed[best]['studies_per_s']:.1f} studies/s")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -105,6 +221,15 @@ def main() -> None:
         "--quick", action="store_true", help="single-member forms: fused eager and onnx only"
     )
     parser.add_argument("--peak-gflops", type=float, default=None)
+    parser.add_argument(
+        "--member-batch", type=int, default=16, help="GPU: images per single-member pass"
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        help="GPU: engines to time one after another, as backend:batch[:streams],...",
+    )
+    parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -126,6 +251,27 @@ def main() -> None:
         return line + (f" {100 * flops / secs / 1e9 / peak:5.1f}% of peak" if peak else "")
 
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the engine sets it
+        variants = gpu_member_forms(args, device, rate)
+        per_backend = sweep_engines(args, device, flops, peak) if args.sweep else {}
+        figures = {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
+            "arch": args.arch,
+            "size": args.size,
+            "members": args.members,
+            "gflop_per_member_pass": flops / 1e9,
+            "peak_gflops": peak,
+            "member_batch": args.member_batch,
+            "single_member_seconds_per_image": variants,
+            "sweep": per_backend,
+        }
+        if args.json_out:
+            args.json_out.write_text(json.dumps(figures, indent=2))
+        if args.sweep:
+            return
     x_nchw = torch.rand(1, 1, args.size, args.size, device=device)
     x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
     forms: dict[str, Callable[[], object]] = {}

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -180,7 +181,6 @@ def _infer(args: argparse.Namespace) -> int:
     from scxnn_node.imaging.decode import ImageRejected
     from scxnn_node.model.bundle import load_bundle
     from scxnn_node.model.engine import InferenceEngine
-    from scxnn_node.model.options import EngineOptions
     from scxnn_node.triage import PreparedInstance, prepare_instance, triage_study
 
     try:
@@ -211,14 +211,16 @@ def _infer(args: argparse.Namespace) -> int:
         studies[prepared.study_instance_uid].append(prepared)
     results: list[StudyResult] = []
     if studies:
+        options = config.model.engine_options(
+            args.device or config.model.devices[0], config.onnx_cache_dir()
+        )
         engine = InferenceEngine(
             bundle,
-            EngineOptions(
-                device=args.device or config.model.devices[0],
-                batch_size=args.batch_size or config.model.batch_size,
-                precision=args.precision or config.model.precision,
-                backend=args.backend or config.model.backend,
-                onnx_cache_dir=config.onnx_cache_dir(),
+            replace(
+                options,
+                batch_size=args.batch_size or options.batch_size,
+                precision=args.precision or options.precision,
+                backend=args.backend or options.backend,
             ),
         )
         results = [triage_study(engine, uid, items) for uid, items in studies.items()]

@@ -31,6 +31,7 @@ from scxnn_node.imaging.selection import DEFAULT_BODY_PARTS, DEFAULT_VIEWS, Sele
 from scxnn_node.model.options import (
     EngineOptions,
     check_backend,
+    check_compile_mode,
     check_device,
     check_precision,
 )
@@ -137,12 +138,26 @@ class ModelSection(_Section):
     precision: Annotated[str, AfterValidator(check_precision)] = "auto"
     backend: Annotated[str, AfterValidator(check_backend)] = "auto"
     onnx_cache_dir: Path | None = None  # None: onnx-cache/ beside the spool directory
+    compile_mode: Annotated[str, AfterValidator(check_compile_mode)] = "default"
+    member_streams: int = Field(default=1, ge=1, le=13)
 
     @model_validator(mode="after")
     def _backend_fits_devices(self) -> ModelSection:
         for device in self.devices:  # the same rule EngineOptions applies, at config load
-            EngineOptions(device=device, precision=self.precision, backend=self.backend)
+            self.engine_options(device, None)
         return self
+
+    def engine_options(self, device: str, onnx_cache_dir: Path | None) -> EngineOptions:
+        """How a worker on `device` runs its engine."""
+        return EngineOptions(
+            device=device,
+            batch_size=self.batch_size,
+            precision=self.precision,
+            backend=self.backend,
+            onnx_cache_dir=onnx_cache_dir,
+            compile_mode=self.compile_mode,
+            member_streams=self.member_streams,
+        )
 
 
 class StudySection(_Section):
@@ -285,6 +300,9 @@ class WorkerSection(_Section):
     # decoded) and the processes that decode and preprocess them (0: in the worker itself).
     studies_in_flight: int = Field(default=2, ge=1, le=64)
     decode_processes: int = Field(default=1, ge=0, le=64)
+    # auto: JPEG / JPEG 2000 decoded on the worker's CUDA device where nvImageCodec is installed
+    # (imaging/gpu_decode.py), the CPU otherwise and for everything else; off: always the CPU.
+    gpu_decode: Literal["auto", "off"] = "auto"
 
 
 class SchedulerSection(_Section):

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from scxnn_node.imaging.decode import ImageRejected, read_dataset
+from scxnn_node.imaging.gpu_decode import enable_gpu_decoding
 from scxnn_node.imaging.preprocess import PreprocessSpec
 from scxnn_node.imaging.selection import SelectionPolicy
 from scxnn_node.lifetime import die_with_parent
@@ -94,13 +95,18 @@ def decode_spooled_instance(
         )
 
 
-def _start_decode_process(worker_pid: int, log_level: str, json_logs: bool) -> None:
-    """In each decode process: end with the worker, leave Ctrl-C to it, log as it does."""
+def _start_decode_process(
+    worker_pid: int, log_level: str, json_logs: bool, gpu_device: int | None
+) -> None:
+    """In each decode process: end with the worker, leave Ctrl-C to it, log as it does, decode
+    on the GPU where asked and possible."""
     die_with_parent()
     if os.getppid() != worker_pid:  # the worker died before the line above took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when its children end
     configure_logging(log_level, json_logs)
+    if gpu_device is not None:
+        enable_gpu_decoding(gpu_device)
 
 
 class DecodePool:
@@ -108,10 +114,19 @@ class DecodePool:
     Submit from one thread that lives as long as the pool: Linux ties a child's death signal
     to the thread that started it."""
 
-    def __init__(self, processes: int, log_level: str = "INFO", json_logs: bool = False) -> None:
+    def __init__(
+        self,
+        processes: int,
+        log_level: str = "INFO",
+        json_logs: bool = False,
+        gpu_device: int | None = None,  # CUDA device index to decode JPEG / JPEG 2000 on
+    ) -> None:
         self.processes = processes
         self._logging = (log_level, json_logs)
+        self.gpu_device = gpu_device
         self._executor: ProcessPoolExecutor | None = None
+        if processes == 0 and gpu_device is not None:
+            enable_gpu_decoding(gpu_device)  # decodes run in this process
 
     def submit(
         self,
@@ -142,7 +157,7 @@ class DecodePool:
                 self.processes,
                 mp_context=mp.get_context("spawn"),
                 initializer=_start_decode_process,
-                initargs=(os.getpid(), *self._logging),
+                initargs=(os.getpid(), *self._logging, self.gpu_device),
             )
         return self._executor
 

@@ -40,7 +40,7 @@ from scxnn_node.drift import record_drift_samples
 from scxnn_node.hl7.oru import StudyHeaders, build_oru
 from scxnn_node.logs import short_hash
 from scxnn_node.model.bundle import Bundle, load_bundle
-from scxnn_node.model.engine import EngineOptions, InferenceEngine
+from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.result import StudyResult, Verdict
 from scxnn_node.store import workers
 from scxnn_node.store.assembly import mark_instances_unusable, mark_study_reported
@@ -106,14 +106,7 @@ class TriageWorker:
         self.bundle = bundle or load_bundle(config.model.bundle)
         self.manifest = self.bundle.manifest
         self.engine = InferenceEngine(
-            self.bundle,
-            EngineOptions(
-                device=device,
-                batch_size=config.model.batch_size,
-                precision=config.model.precision,
-                backend=config.model.backend,
-                onnx_cache_dir=config.onnx_cache_dir(),
-            ),
+            self.bundle, config.model.engine_options(device, config.onnx_cache_dir())
         )
         self.owner = workers.worker_owner(os.getpid(), device)
         self.identity = workers.WorkerIdentity(
@@ -137,8 +130,12 @@ class TriageWorker:
         }
         self.hl7_destinations = [d for d in config.destinations if isinstance(d, Hl7Destination)]
         self.stop_requested = threading.Event()  # run() replaces it with its stop event
+        gpu = device.startswith("cuda") and config.worker.gpu_decode == "auto"
         self.decode_pool = DecodePool(
-            config.worker.decode_processes, config.logging.level, config.logging.json_format
+            config.worker.decode_processes,
+            config.logging.level,
+            config.logging.json_format,
+            gpu_device=self.engine.device.index or 0 if gpu else None,
         )
         self._leases: dict[int, _Lease] = {}  # job id -> lease, for every job held
         self._leases_lock = threading.Lock()

@@ -180,3 +180,39 @@ def test_default_batch_size_on_cpu_is_one_at_full_resolution():
     cpu = torch.device("cpu")
     assert default_batch_size(cpu, "densenet121", 1024) == 1
     assert default_batch_size(cpu, "densenet_small", 64) > 1
+
+
+def test_gpu_only_options_are_refused_on_the_cpu_with_their_name():
+    from scxnn_node.config import ModelSection
+
+    with pytest.raises(ValueError, match="cuda_graph"):
+        EngineOptions(device="cpu", backend="cuda_graph")
+    with pytest.raises(ValueError, match="member_streams"):
+        EngineOptions(device="cpu", member_streams=2)
+    with pytest.raises(ValueError, match="compile_mode"):
+        EngineOptions(compile_mode="fastest")
+    assert EngineOptions(device="cuda:0", backend="cuda_graph", member_streams=4).member_streams
+    # config.yaml's model section applies the same rules at load, per device.
+    with pytest.raises(ValueError, match="cuda_graph"):
+        ModelSection(devices=["cuda:0", "cpu"], backend="cuda_graph")
+    section = ModelSection(
+        devices=["cuda:1"], backend="compile", compile_mode="max-autotune", member_streams=3
+    )
+    options = section.engine_options("cuda:1", None)
+    assert (options.backend, options.compile_mode, options.member_streams) == (
+        "compile",
+        "max-autotune",
+        3,
+    )
+
+
+def test_cuda_graph_shapes_cover_every_batch_with_few_graphs():
+    from scxnn_node.model.cuda_graph import graph_shapes
+
+    for batch_size in (1, 2, 7, 16, 48):
+        shapes = graph_shapes(batch_size)
+        assert shapes[-1] == batch_size and shapes == sorted(set(shapes))
+        assert len(shapes) <= batch_size.bit_length() + 1
+        for n in range(1, batch_size + 1):  # the graph a batch of n replays
+            shape = next(s for s in shapes if s >= n)
+            assert shape < 2 * n or shape == batch_size

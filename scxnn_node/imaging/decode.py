@@ -2,7 +2,8 @@
 
 pydicom does the parsing and, through the pylibjpeg plugins, every compressed transfer syntax
 (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE); deflate and big endian are pydicom's
-own. This module only decides what is acceptable and turns stored values into modality values.
+own; JPEG and JPEG 2000 go to the GPU first where it is enabled (imaging/gpu_decode.py). This
+module only decides what is acceptable and turns stored values into modality values.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
+
+from scxnn_node.imaging import gpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
         str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     )
     try:
-        stored = ds.pixel_array
+        stored = _stored_values(ds, transfer_syntax)
     except Exception as exc:
         tsname = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         label = tsname.name if tsname is not None else "unknown transfer syntax"
@@ -147,6 +150,17 @@ def decode_pixels(ds: Dataset) -> DecodedImage:
     return DecodedImage(
         pixels=values, dataset=header, photometric=photometric, transfer_syntax=transfer_syntax
     )
+
+
+def _stored_values(ds: Dataset, transfer_syntax: str) -> np.ndarray:
+    """The stored pixel values: the GPU plugin first where enabled, else (or when it refuses or
+    fails) the CPU plugins."""
+    if gpu_decode.accepts(ds, transfer_syntax):
+        try:
+            return pixel_array(ds, decoding_plugin=gpu_decode.PLUGIN)
+        except Exception as exc:
+            log.info("GPU decoding refused (%s); decoding on the CPU", type(exc).__name__)
+    return ds.pixel_array
 
 
 def load_image(source: str | Path | BinaryIO) -> DecodedImage:

@@ -1,10 +1,11 @@
 """Batched inference: a bundle's members (encoder + head) on one device, from images to logits.
 
 The engine is loaded once and reused: members run over batches of preprocessed images in
-inference mode, channels_last, with bf16/fp16 autocast on CUDA and a choice of backend (eager,
-torch.compile, or ONNX Runtime on the CPU: model/onnx_backend.py). What the 13 x 3 logits of a
-study mean (second stage, operating point, the `StudyResult`) is decided in model/decision.py,
-with numpy only.
+inference mode, channels_last, weights cast to bf16/fp16 on CUDA, with a choice of backend (eager,
+torch.compile, CUDA graphs: model/cuda_graph.py, or ONNX Runtime on the CPU:
+model/onnx_backend.py), optionally with the members spread over CUDA streams. What the 13 x 3
+logits of a study mean (second stage, operating point, the `StudyResult`) is decided in
+model/decision.py, with numpy only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from scxnn_node.model.bundle import Bundle
+from scxnn_node.model.cuda_graph import GraphedEnsemble
 from scxnn_node.model.decision import abnormality_scores, not_analysed_result, result_from_logits
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.manifest import member_file
@@ -74,10 +76,15 @@ class InferenceEngine:
         self.manifest = bundle.manifest
         self.options = options or EngineOptions()
         self.device = torch.device(self.options.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.options.device} requested but CUDA is not available")
-        self.autocast_dtype = self._autocast_dtype()
-        self.precision = _PRECISION_NAME[self.autocast_dtype]
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"device {self.options.device} requested but CUDA is not available"
+                )
+            # Shapes are fixed per engine: let cuDNN time its algorithms once and keep the best.
+            torch.backends.cudnn.benchmark = True
+        self.half_dtype = self._half_dtype()
+        self.precision = _PRECISION_NAME[self.half_dtype]
         if self.manifest.precision not in (None, self.precision):
             # The thresholds' guarantee was measured on scores at the bundle's precision.
             log.warning(
@@ -96,6 +103,16 @@ class InferenceEngine:
             self.device, self.manifest.architecture, size
         )
         self.members = [self._build_member(name) for name in self.manifest.findings.names]
+        self.streams = (
+            [torch.cuda.Stream(self.device) for _ in range(self.options.member_streams)]
+            if self.options.member_streams > 1
+            else []
+        )
+        self.graphed = (
+            GraphedEnsemble(self._ensemble_pass, self.batch_size, size, self.device)
+            if self.backend == "cuda_graph"
+            else None
+        )
         log.info(
             "engine ready: bundle %s %s, %d members, %s, batch %d, precision %s, backend %s",
             self.manifest.name,
@@ -103,11 +120,12 @@ class InferenceEngine:
             len(self.members),
             self.device,
             self.batch_size,
-            self.autocast_dtype or "fp32",
+            self.precision,
             self.backend,
         )
 
-    def _autocast_dtype(self) -> torch.dtype | None:
+    def _half_dtype(self) -> torch.dtype | None:
+        """The dtype weights and activations run in, None for fp32."""
         precision = self.options.precision
         if precision == "auto":
             if self.device.type != "cuda":
@@ -130,12 +148,16 @@ class InferenceEngine:
             return self._onnx_member(name)
         member: torch.nn.Module = self._plain_member(name)
         if self.options.fused:
-            member = FusedMember(member)
-        member.to(self.device)
+            member = FusedMember(member)  # folds BN in fp32, before any cast
+        # Weights cast once, activations kept in that dtype: autocast would re-cast weights
+        # every pass and run the fused BN's multiply-add in fp32 over the whole dense buffer.
+        member.to(self.device, dtype=self.half_dtype or torch.float32)
         if self.options.channels_last:
             member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
-            return torch.compile(member, dynamic=False)  # type: ignore[return-value]
+            return torch.compile(  # type: ignore[return-value]
+                member, dynamic=False, mode=self.options.compile_mode
+            )
         return member
 
     def _onnx_member(self, name: str) -> OnnxMember:
@@ -156,12 +178,28 @@ class InferenceEngine:
             model = onnx_backend.cached_onnx(self.options.onnx_cache_dir, key, export)
         return onnx_backend.OnnxMember(model, threads=torch.get_num_threads())
 
-    def _to_tensor(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.unsqueeze(1).float().div_(255.0)
+    def _ensemble_pass(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S) on the device -> float32 logits (B, n_members, 3) on the device."""
+        x = images.unsqueeze(1).float().div_(255.0)
+        if self.half_dtype is not None:
+            x = x.to(self.half_dtype)
         if self.options.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        if not self.streams:
+            return torch.stack([member(x).float() for member in self.members], dim=1)
+        # Members spread over side streams, forked from and joined back to the current one
+        # (also inside a CUDA graph capture, which records the fork and join).
+        current = torch.cuda.current_stream(self.device)
+        logits: list[torch.Tensor] = []
+        for m, member in enumerate(self.members):
+            stream = self.streams[m % len(self.streams)]
+            if m < len(self.streams):
+                stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                logits.append(member(x).float())
+        for stream in self.streams:
+            current.wait_stream(stream)
+        return torch.stack(logits, dim=1)
 
     @torch.inference_mode()
     def member_logits(self, images: np.ndarray) -> np.ndarray:
@@ -175,25 +213,18 @@ class InferenceEngine:
         out = np.empty((images.shape[0], len(self.members), 3), dtype=np.float32)
         for start in range(0, images.shape[0], self.batch_size):
             batch = images[start : start + self.batch_size]
-            for m, logits in enumerate(self._batch_logits(batch)):
-                out[start : start + len(batch), m] = logits
+            out[start : start + len(batch)] = self._batch_logits(batch)
         return out
 
-    def _batch_logits(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Each member's (B, 3) float32 logits for one batch of uint8 images."""
+    def _batch_logits(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (B, n_members, 3) logits for one batch of uint8 images."""
         if self.backend == "onnx":
-            x_cpu = batch[:, None].astype(np.float32) / np.float32(255.0)  # as _to_tensor does
-            return [member(x_cpu) for member in self.members]
-        x = self._to_tensor(batch)
-        logits = []
-        for member in self.members:
-            with torch.autocast(
-                self.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
-                logits.append(member(x).float().cpu().numpy())
-        return logits
+            x_cpu = batch[:, None].astype(np.float32) / np.float32(255.0)  # as _ensemble_pass
+            return np.stack([member(x_cpu) for member in self.members], axis=1)
+        if self.graphed is not None:
+            return self.graphed(batch)
+        images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        return self._ensemble_pass(images).cpu().numpy()
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Second-stage abnormality scores for (B, n_members, 3) logits."""

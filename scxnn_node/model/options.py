@@ -11,10 +11,14 @@ from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # auto = onnx on the CPU at fp32 (measured faster there: README, "Speed"), eager otherwise.
-# compile = torch.compile: minutes to start at 1024 px and measured no faster than eager on a
-# 2-core CPU; for GPUs. onnx = ONNX Runtime, CPU and fp32 only (model/onnx_backend.py).
-# (TorchScript + oneDNN Graph fusion was measured too: no faster than eager, not offered.)
-BACKENDS = ("auto", "eager", "compile", "onnx")
+# compile = torch.compile (mode: compile_mode): minutes to start at 1024 px and measured no
+# faster than eager on a 2-core CPU. cuda_graph = the whole ensemble pass captured once per
+# batch shape and replayed (CUDA only; model/cuda_graph.py). onnx = ONNX Runtime, CPU and fp32
+# only (model/onnx_backend.py). Not offered: TorchScript + oneDNN Graph (measured no faster on
+# the CPU); TensorRT (torch-tensorrt needs TensorRT's ~1.5 GB of libraries, which could not
+# reach the lent GPU machine: README, "Speed").
+BACKENDS = ("auto", "eager", "compile", "cuda_graph", "onnx")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_device(value: str) -> str:
@@ -35,6 +39,12 @@ def check_backend(value: str) -> str:
     return value
 
 
+def check_compile_mode(value: str) -> str:
+    if value not in COMPILE_MODES:
+        raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}")
+    return value
+
+
 def resolve_backend(backend: str, device: str, precision: str) -> str:
     """The backend an engine runs: `auto` made concrete for this device and precision."""
     if backend != "auto":
@@ -52,10 +62,16 @@ class EngineOptions:
     backend: str = "auto"
     # Where the onnx backend keeps exported members; None: export at every engine start.
     onnx_cache_dir: Path | None = None
+    compile_mode: str = "default"  # torch.compile's mode, for backend "compile"
+    # CUDA streams the members are spread over (1: one after another on the current stream).
+    member_streams: int = 1
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         check_backend(self.backend)
+        check_compile_mode(self.compile_mode)
+        if self.member_streams < 1:
+            raise ValueError("EngineOptions.member_streams must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("EngineOptions.batch_size must be at least 1")
         check_device(self.device)
@@ -63,3 +79,5 @@ class EngineOptions:
             self.device != "cpu" or self.precision not in ("auto", "fp32")
         ):
             raise ValueError("backend 'onnx' runs on device 'cpu' at fp32 precision only")
+        if self.device == "cpu" and (self.backend == "cuda_graph" or self.member_streams > 1):
+            raise ValueError("backend 'cuda_graph' and member_streams > 1 need a CUDA device")

@@ -1,0 +1,148 @@
+"""GPU decoding (imaging/gpu_decode.py): the same pixels as the CPU decoders, and the CPU as the
+fallback whenever the GPU refuses.
+
+The plugin's glue to pydicom (layout, checks, fallback) is tested everywhere with a stand-in
+for nvImageCodec's decoder that decodes on the CPU (OpenJPEG) or fails; the real nvImageCodec on
+a CUDA device is tested where both exist (bench/gpu_session.sh runs this file there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import openjpeg
+import pytest
+import torch
+from dicom_factory import chest_pixels, make_dataset, write
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+from scxnn_node.imaging import gpu_decode
+from scxnn_node.imaging.decode import load_image
+from scxnn_node.imaging.preprocess import PreprocessSpec
+from scxnn_node.testing.samples import SAMPLE_DX
+from scxnn_node.triage import prepare_instance
+
+SAMPLES = SAMPLE_DX.parent
+GPU = torch.cuda.is_available() and importlib.util.find_spec("nvidia.nvimgcodec") is not None
+
+
+class _StandInImage:
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+
+    def cpu(self) -> np.ndarray:
+        return self.pixels[:, :, None]  # nvImageCodec gives (rows, columns, samples)
+
+
+class _OpenJpegStandIn:
+    """Decodes JPEG 2000 on the CPU as nvImageCodec would hand it over; counts its calls."""
+
+    def __init__(self, result: str = "decode") -> None:
+        self.result = result
+        self.calls = 0
+
+    def decode(self, src: bytes, params: object = None) -> _StandInImage | None:
+        self.calls += 1
+        if self.result == "none":
+            return None
+        if self.result == "raise":
+            raise RuntimeError("device lost")
+        return _StandInImage(openjpeg.decode(bytes(src)))
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The plugin registered with pydicom around a stand-in decoder; removed afterwards."""
+    from pydicom.pixels import get_decoder
+
+    def install(result: str = "decode") -> _OpenJpegStandIn:
+        decoder = _OpenJpegStandIn(result)
+        monkeypatch.setattr(gpu_decode, "_decoder", decoder)
+        for syntax in gpu_decode.GPU_SYNTAXES:
+            get_decoder(syntax).add_plugin(gpu_decode.PLUGIN, (gpu_decode.__name__, "decode_frame"))
+        return decoder
+
+    yield install
+    gpu_decode.disable_gpu_decoding()
+
+
+def _j2k_lossless(tmp_path: Path, bits: int, seed: int, name: str = "j2k.dcm"):
+    pixels = chest_pixels(160, seed=seed, bits=bits)
+    ds = make_dataset(pixels, bits_stored=bits)
+    ds.compress(JPEG2000Lossless)
+    return write(ds, tmp_path / name), pixels
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_plugin_hands_pydicom_the_same_pixels_as_the_cpu_path(tmp_path, stand_in, bits):
+    path, pixels = _j2k_lossless(tmp_path, bits, seed=bits)
+    cpu = load_image(path).pixels
+    decoder = stand_in()
+    via_plugin = load_image(path).pixels
+    assert decoder.calls == 1  # the plugin, not the CPU path, decoded it
+    np.testing.assert_array_equal(via_plugin, cpu)
+    np.testing.assert_array_equal(via_plugin, pixels)
+
+
+@pytest.mark.parametrize("result", ["none", "raise"])
+def test_a_refusing_gpu_falls_back_to_the_cpu(tmp_path, stand_in, result):
+    path, pixels = _j2k_lossless(tmp_path, 12, seed=7)
+    decoder = stand_in(result)
+    np.testing.assert_array_equal(load_image(path).pixels, pixels)
+    assert decoder.calls == 1
+
+
+def test_signed_and_unlisted_syntaxes_stay_on_the_cpu(tmp_path, stand_in):
+    decoder = stand_in()
+    stored = chest_pixels(96, seed=5, bits=12).astype(np.int16) - 2048
+    signed = make_dataset(stored, bits_stored=12)
+    signed.compress(JPEG2000Lossless)
+    np.testing.assert_array_equal(load_image(write(signed, tmp_path / "s.dcm")).pixels, stored)
+    assert decoder.calls == 0  # not offered to the GPU (pixel representation 1)
+    load_image(SAMPLES / "nih_dx_no_finding.dcm")  # uncompressed: no plugin involved
+    assert decoder.calls == 0
+
+
+def test_without_nvimgcodec_or_a_device_decoding_stays_on_the_cpu(tmp_path):
+    if GPU:
+        pytest.skip("nvImageCodec and a device are here: GPU decoding would be enabled")
+    assert gpu_decode.enable_gpu_decoding(0) is False
+    path, pixels = _j2k_lossless(tmp_path, 12, seed=8)
+    assert not gpu_decode.accepts(load_image(path).dataset, JPEG2000Lossless)
+    np.testing.assert_array_equal(load_image(path).pixels, pixels)
+
+
+@pytest.mark.skipif(not GPU, reason="needs nvImageCodec and a CUDA device (gpu_session.sh)")
+class TestOnTheGpu:
+    @pytest.fixture(autouse=True)
+    def enabled(self):
+        assert gpu_decode.enable_gpu_decoding(0)
+        yield
+        gpu_decode.disable_gpu_decoding()
+
+    @pytest.mark.parametrize("bits", [8, 12, 16])
+    def test_jpeg2000_lossless_gives_the_cpu_pixels(self, tmp_path, bits):
+        path, pixels = _j2k_lossless(tmp_path, bits, seed=20 + bits)
+        np.testing.assert_array_equal(load_image(path).pixels, pixels)
+
+    def test_real_jpeg_baseline_radiograph_matches_the_cpu(self):
+        path = SAMPLES / "siim_cr_negative.dcm"  # real CR, JPEG baseline
+        gpu = load_image(path).pixels
+        gpu_decode.disable_gpu_decoding()
+        cpu = load_image(path).pixels
+        # Lossy JPEG: the IDCTs of nvJPEG and libjpeg may round differently by a grey level.
+        assert np.abs(gpu - cpu).max() <= 2 and np.abs(gpu - cpu).mean() < 0.1
+
+    def test_real_radiograph_in_jpeg2000_preprocesses_identically(self, tmp_path):
+        import pydicom
+
+        ds = pydicom.dcmread(SAMPLES / "nih_dx_no_finding.dcm")
+        ds.compress(JPEG2000Lossless)
+        path = write(ds, tmp_path / "real-j2k.dcm")
+        spec = PreprocessSpec(size=256)
+        gpu = prepare_instance(path, spec).image
+        gpu_decode.disable_gpu_decoding()
+        np.testing.assert_array_equal(gpu, prepare_instance(path, spec).image)
+        assert JPEGBaseline8Bit in gpu_decode.GPU_SYNTAXES
