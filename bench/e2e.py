@@ -1,5 +1,6 @@
 """The whole node against the bare engine, in one run: SCP, queue, pipelined worker, dispatcher
-to a loopback storescp (the PACS stand-in).
+to a loopback storescp (the PACS stand-in). The sender and the PACS are dcmtk's storescu and
+storescp, or pynetdicom's where dcmtk is not installed (--peers).
 
     .venv/bin/python bench/e2e.py --small                     # CPU check: small arch, 256 px
     .venv/bin/python bench/e2e.py --untrained densenet121 --size 1024 --studies 4 \
@@ -44,22 +45,28 @@ from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.model.options import EngineOptions
 from scxnn_node.node import Node
-from scxnn_node.testing.dcmtk import Storescp, storescu
+from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
+from scxnn_node.testing.pynetdicom_peers import Storescu, pick
 from scxnn_node.testing.samples import SAMPLE_DX
 from scxnn_node.triage import prepare_instance
 from training.untrained import untrained_bundle
 
-_seen: dict[Path, tuple[str, float]] = {}
+_seen: dict[Path, tuple[str, float] | None] = {}  # None: a received file that is not an SR
 
 
 def sr_studies(pacs: Storescp) -> dict[str, float]:
-    """Study UID -> arrival time of its SR (file mtime); each file is parsed once."""
-    for path in pacs.directory.glob("SR*"):
+    """Study UID -> arrival time of its SR (file mtime); each file is parsed once. An SR is told
+    by its Modality: pynetdicom's storescp does not name every SR class `SR*` as dcmtk does."""
+    for path in pacs.directory.iterdir():
         if path not in _seen:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            _seen[path] = (str(ds.StudyInstanceUID), path.stat().st_mtime)
-    return dict(_seen.values())
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:  # still being written: read it on the next poll
+                continue
+            is_sr = ds.get("Modality") == "SR"
+            _seen[path] = (str(ds.StudyInstanceUID), path.stat().st_mtime) if is_sr else None
+    return dict(found for found in _seen.values() if found)
 
 
 def wait_for_srs(pacs: Storescp, count: int, timeout: float) -> dict[str, float]:
@@ -107,6 +114,12 @@ def study_files(template: pydicom.Dataset, directory: Path, count: int) -> list[
     return files
 
 
+def send(storescu: Storescu, port: int, *files: Path) -> None:
+    run = storescu(port, *files)
+    if run.returncode != 0:
+        raise RuntimeError(f"storescu exit {run.returncode}: {run.stderr[-2000:]}")
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -131,6 +144,12 @@ def main() -> None:
     parser.add_argument("--decode-processes", type=int, default=1)
     parser.add_argument("--source-px", type=int, default=None, help="resize the sample (12-bit)")
     parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless instances")
+    parser.add_argument(
+        "--peers",
+        choices=("auto", "dcmtk", "pynetdicom"),
+        default="auto",
+        help="sender and PACS: dcmtk's storescu/storescp, else pynetdicom's (auto)",
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     if args.small:
@@ -141,7 +160,9 @@ def main() -> None:
     if args.untrained:
         args.bundle = untrained_bundle(args.untrained, args.size, out=root / "bundle").path
     template = source_template(args.source_px, args.j2k)
-    pacs = Storescp(root / "pacs").start()
+    pacs_class, storescu, peers = pick(args.peers)
+    print(f"DICOM peers: {peers} storescu and storescp", flush=True)
+    pacs = pacs_class(root / "pacs").start()
     config = node_config(
         root / "node",
         allowed_callers=None,
@@ -168,12 +189,12 @@ def main() -> None:
     node.start()
     try:
         warm = study_files(template, root / "warm", 1)
-        storescu(config.node.port, *warm)
+        send(storescu, config.node.port, *warm)
         wait_for_srs(pacs, 1, 600)  # worker started and warmed up
         latencies = []
         for f in study_files(template, root / "latency", args.latency_studies):
             before = len(sr_studies(pacs))
-            storescu(config.node.port, f)
+            send(storescu, config.node.port, f)
             stored = time.time()  # storescu returned: the last C-STORE was answered
             arrived = wait_for_srs(pacs, before + 1, 600)
             study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
@@ -181,7 +202,7 @@ def main() -> None:
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
         start = time.time()
-        storescu(config.node.port, *burst)
+        send(storescu, config.node.port, *burst)
         arrived = wait_for_srs(pacs, before + len(burst), 3600)
         burst_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
@@ -222,6 +243,7 @@ def main() -> None:
         "architecture": bundle.manifest.architecture,
         "size": spec.size,
         "device": args.device,
+        "dicom_peers": peers,
         "source": {"px": template.Rows, "transfer_syntax": syntax},
         "worker": {
             "studies_in_flight": args.studies_in_flight,

@@ -40,6 +40,11 @@ else
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl || exit 1
+    # Two nvidia wheels ship nvidia/__init__.py; the one kept must extend the package's path to
+    # the machine's own nvidia packages rather than hide them behind /tmp/site.
+    [ -d /tmp/site/nvidia ] &&
+      echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" \
+        > /tmp/site/nvidia/__init__.py
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   device=cuda:0
@@ -52,6 +57,12 @@ else
 fi
 $python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and \
 torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+$python -c "import importlib.metadata as m, shutil
+from pydicom.pixels.decoders import JPEG2000LosslessDecoder as j2k
+print(*(f'{d} {m.version(d)}' for d in ('pydicom', 'pynetdicom', 'highdicom', 'sqlalchemy',
+  'hl7apy', 'dicomweb-client', 'pylibjpeg-openjpeg')), sep=', ')
+print('JPEG 2000 decoders:', *sorted(j2k.available_plugins), '- dcmtk storescp:',
+  shutil.which('storescp') or 'none (bench/e2e.py uses pynetdicom)')" 2>&1 | tee -a "$out/gpu.txt"
 status=0
 step() {  # name, seconds, command...: log to $out/name.log, keep going after a failure
   local name=$1 seconds=$2

@@ -71,21 +71,24 @@ class Storescp:
         self.aet = aet
         self.process: subprocess.Popen | None = None
 
+    def command(self) -> list[str]:
+        return ["storescp", "-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)]
+
     def start(self) -> Storescp:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         import time
 
-        for _ in range(100):  # wait until it listens
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 30  # a Python stand-in takes seconds to import on a busy CPU
+        while self.process.poll() is None and time.monotonic() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return self
             time.sleep(0.05)
-        raise RuntimeError("storescp did not start")
+        self.stop()
+        raise RuntimeError(f"{' '.join(self.command())} did not start")
 
     def stop(self) -> None:
         if self.process is not None:
