@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
-from scxnn_node.model.options import EngineOptions
 from scxnn_node.node import Node
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
@@ -120,6 +119,16 @@ def send(storescu: Storescu, port: int, *files: Path) -> None:
         raise RuntimeError(f"storescu exit {run.returncode}: {run.stderr[-2000:]}")
 
 
+def send_concurrently(storescu: Storescu, port: int, files: list[Path], senders: int) -> None:
+    """`files` split over `senders` storescu processes (one association each) at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shares = [files[i::senders] for i in range(senders) if files[i::senders]]
+    with ThreadPoolExecutor(len(shares)) as pool:
+        for done in [pool.submit(send, storescu, port, *share) for share in shares]:
+            done.result()
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -150,6 +159,21 @@ def main() -> None:
         default="auto",
         help="sender and PACS: dcmtk's storescu/storescp, else pynetdicom's (auto)",
     )
+    parser.add_argument("--backend", default="auto", help="model.backend")
+    parser.add_argument("--batch-size", type=int, default=None, help="model.batch_size")
+    parser.add_argument("--member-streams", type=int, default=1, help="model.member_streams")
+    parser.add_argument(
+        "--workers-per-device",
+        type=int,
+        default=1,
+        help="workers sharing the device (model.devices lists it that often): their CPU work "
+        "(decode collection, SR, commits) runs side by side while the device computes",
+    )
+    parser.add_argument("--gpu-decode", choices=("auto", "off"), default="auto")
+    parser.add_argument("--ingest-processes", type=int, default=1, help="node.ingest_processes")
+    parser.add_argument(
+        "--senders", type=int, default=1, help="concurrent storescu senders for the burst"
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     if args.small:
@@ -165,8 +189,15 @@ def main() -> None:
     pacs = pacs_class(root / "pacs").start()
     config = node_config(
         root / "node",
+        node={"ingest_processes": args.ingest_processes},
         allowed_callers=None,
-        model={"bundle": str(args.bundle), "devices": [args.device]},
+        model={
+            "bundle": str(args.bundle),
+            "devices": [args.device] * args.workers_per_device,
+            "backend": args.backend,
+            "batch_size": args.batch_size,
+            "member_streams": args.member_streams,
+        },
         study={"quiet_seconds": args.quiet_seconds},
         destinations=[
             {
@@ -182,6 +213,7 @@ def main() -> None:
             "poll_seconds": 0.05,
             "studies_in_flight": args.studies_in_flight,
             "decode_processes": args.decode_processes,
+            "gpu_decode": args.gpu_decode,
         },
     )
     (root / "node").mkdir(parents=True, exist_ok=True)
@@ -202,7 +234,7 @@ def main() -> None:
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
         start = time.time()
-        send(storescu, config.node.port, *burst)
+        send_concurrently(storescu, config.node.port, burst, args.senders)
         arrived = wait_for_srs(pacs, before + len(burst), 3600)
         burst_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
@@ -216,15 +248,7 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.preprocessing
-    engine = InferenceEngine(
-        bundle,
-        EngineOptions(
-            device=args.device,
-            batch_size=config.model.batch_size,
-            precision=config.model.precision,
-            backend=config.model.backend,
-        ),
-    )
+    engine = InferenceEngine(bundle, config.model.engine_options(args.device, None))
     t0 = time.perf_counter()
     images = [prepare_instance(f, spec).image for f in burst]
     decode_per_study = (time.perf_counter() - t0) / len(burst)
@@ -246,10 +270,16 @@ def main() -> None:
         "dicom_peers": peers,
         "source": {"px": template.Rows, "transfer_syntax": syntax},
         "worker": {
+            "workers": args.workers_per_device,
             "studies_in_flight": args.studies_in_flight,
             "decode_processes": args.decode_processes,
+            "gpu_decode": args.gpu_decode,
+            "engine_backend": engine.backend,
             "engine_batch_size": engine.batch_size,
+            "member_streams": args.member_streams,
         },
+        "ingest_processes": args.ingest_processes,
+        "senders": args.senders,
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
         "quiet_seconds": args.quiet_seconds,
@@ -274,7 +304,10 @@ def main() -> None:
     print(
         f"bundle {figures['bundle']} ({bundle.manifest.architecture}, {spec.size} px) on "
         f"{args.device}; instances {template.Rows} px {figures['source']['transfer_syntax']}; "
-        f"{args.studies_in_flight} studies in flight, {args.decode_processes} decode processes; "
+        f"{args.workers_per_device} worker(s), each {args.studies_in_flight} studies in flight and "
+        f"{args.decode_processes} decode processes (GPU decode {args.gpu_decode}); engine "
+        f"{engine.backend}, batch {engine.batch_size}; {args.senders} sender(s), "
+        f"{args.ingest_processes} ingest process(es); "
         f"load average {figures['load_average_1m']:.1f} on {os.cpu_count()} CPUs"
     )
     if latencies:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 8 minutes of device time on an H100), writing logs and JSON to
-# $OUT (or --out DIR):
-#   1. inference.json: the 13-member DenseNet-121 ensemble at 1024 px (bench/inference.py);
-#   2. e2e.json: the whole node on the device (SCP, queue, pipelined worker, dispatcher to a
-#      loopback storescp) against the bare engine in the same run, 2500 px JPEG 2000 instances
-#      (bench/e2e.py);
+# $OUT (or --out DIR), at most 8 files:
+#   0. tests.log: the GPU tests (tests/test_gpu_engine.py, tests/test_gpu_decode.py): every
+#      backend equal to eager, nvImageCodec's pixels equal to the CPU decoders';
+#   1. inference.json: the 13-member DenseNet-121 ensemble at 1024 px (bench/inference.py):
+#      one member bf16 by autocast vs cast, then a sweep of engines (backend, batch, streams);
+#   2. e2e.json: the whole node on the device (SCP, queue, pipelined workers, dispatcher to a
+#      loopback PACS) against the bare engine in the same run, 2500 px JPEG 2000 instances, with
+#      the engine settings that won step 1 (bench/e2e.py);
 #   3. training.json: one DenseNet-121 member training at 1024 px (bench/training.py);
 #   4. with --kermany, the Kermany real-data check (held-out protocol), when .kermany/ holds the
 #      sample (the 720 PNGs of ../shared/data/kermany-sample downscaled to 256 px; README
@@ -47,10 +50,16 @@ else
         > /tmp/site/nvidia/__init__.py
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+  # nvImageCodec finds nvJPEG / nvJPEG2000 from the wheels carried in .whl.
+  export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:/tmp/site/nvidia/nvjpeg2k/lib:${LD_LIBRARY_PATH:-}
   device=cuda:0
-  inference=(--device cuda --studies 64)
-  e2e=(--device cuda:0 --untrained densenet121 --size 1024 --studies 120 --latency-studies 10
-    --source-px 2500 --j2k --decode-processes 8 --studies-in-flight 4)
+  # H100/H200 dense bf16 peak, 989 TFLOP/s.
+  inference=(--device cuda:0 --quick --studies 64 --repeats 3 --engine-repeats 2
+    --member-batch 16 --peak-gflops 989000
+    --sweep eager:16,eager:32,eager:64,cuda_graph:16,cuda_graph:32,cuda_graph:64,cuda_graph:32:2,cuda_graph:32:4)
+  e2e=(--device cuda:0 --untrained densenet121 --size 1024 --studies 200 --latency-studies 8
+    --source-px 2500 --j2k --workers-per-device 3 --studies-in-flight 32 --decode-processes 4
+    --ingest-processes 4 --senders 4)
   training=(--device cuda --arch densenet121 --size 1024 --count 96 --batch 4 --epochs 2
     --workers 8)
   limit=200
@@ -76,13 +85,25 @@ step() {  # name, seconds, command...: log to $out/name.log, keep going after a 
   [ $code = 0 ] || status=1
 }
 
+# 0. The GPU tests (skipped on a CPU).
+step tests $((limit * 2 / 5)) $python -m pytest -q -p no:cacheprovider -rs \
+  tests/test_gpu_engine.py tests/test_gpu_decode.py
 # 1. Inference speed of the ensemble.
 step inference $((limit * 3 / 4)) $python bench/inference.py "${inference[@]}" \
   --json-out "$out/inference.json"
-# 2. The whole node on the device against the bare engine.
-step e2e $((limit * 5 / 4)) $python bench/e2e.py "${e2e[@]}" --json-out "$out/e2e.json"
+# 2. The whole node on the device against the bare engine, with step 1's fastest engine.
+if [ $cpu = 0 ] && [ -f "$out/inference.json" ]; then
+  read -r backend batch streams < <($python -c "import json, sys
+sweep = json.load(open(sys.argv[1]))['sweep']
+timed = {k: v for k, v in sweep.items() if 'studies_per_s' in v}
+best = max(timed.values(), key=lambda v: v['studies_per_s'])
+print(best['backend'], best['batch'], best['member_streams'])" "$out/inference.json")
+  e2e+=(--backend "${backend:-eager}" --batch-size "${batch:-16}" --member-streams "${streams:-1}"
+    --studies-in-flight "${batch:-32}")
+fi
+step e2e $((limit * 4 / 5)) $python bench/e2e.py "${e2e[@]}" --json-out "$out/e2e.json"
 # 3. Training speed of one member.
-step training $((limit * 3 / 4)) $python bench/training.py "${training[@]}" \
+step training $((limit * 3 / 10)) $python bench/training.py "${training[@]}" \
   --json-out "$out/training.json"
 
 # 4. Kermany: fit/calibration split of validation patients, threshold on held-out studies.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,6 +40,7 @@ DECODER_DEPENDENCIES = {syntax: ("nvidia-nvimgcodec-cu13",) for syntax in GPU_SY
 
 _decoder: Any = None  # nvimgcodec.Decoder once enabled in this process
 _params: Any = None
+_code_stream: Callable[[bytes], Any] = bytes  # nvimgcodec.CodeStream once enabled
 
 
 def is_available(transfer_syntax: str) -> bool:
@@ -59,7 +61,7 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     """pydicom's plugin call: one encoded frame -> its pixels as bytes, in pydicom's layout."""
     if runner.samples_per_pixel != 1 or runner.pixel_representation != 0:
         raise ValueError("GPU decoding here covers unsigned grayscale only")
-    image = _decoder.decode(src, params=_params)
+    image = _decoder.decode(_code_stream(bytes(src)), params=_params)
     if image is None:
         raise ValueError("nvImageCodec could not decode the frame")
     pixels = np.asarray(image.cpu())
@@ -77,7 +79,7 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 def enable_gpu_decoding(device_index: int) -> bool:
     """Decode JPEG / JPEG 2000 on CUDA device `device_index` in this process, if nvImageCodec
     is installed and the device answers; False (CPU decoding) otherwise."""
-    global _decoder, _params
+    global _decoder, _params, _code_stream
     if _decoder is not None:
         return True
     try:
@@ -85,6 +87,7 @@ def enable_gpu_decoding(device_index: int) -> bool:
         from pydicom.pixels import get_decoder
 
         _decoder = nvimgcodec.Decoder(device_id=device_index)
+        _code_stream = nvimgcodec.CodeStream
         _params = nvimgcodec.DecodeParams(
             color_spec=nvimgcodec.ColorSpec.UNCHANGED,
             allow_any_depth=True,
@@ -93,7 +96,7 @@ def enable_gpu_decoding(device_index: int) -> bool:
         for syntax in GPU_SYNTAXES:
             get_decoder(syntax).add_plugin(PLUGIN, (__name__, "decode_frame"))
     except Exception as exc:  # not installed, no driver, no device: the CPU decodes
-        _decoder = None
+        disable_gpu_decoding()
         log.info("GPU decoding off (%s: %s); decoding on the CPU", type(exc).__name__, exc)
         return False
     log.info("GPU decoding on with nvImageCodec, CUDA device %d", device_index)
@@ -102,10 +105,11 @@ def enable_gpu_decoding(device_index: int) -> bool:
 
 def disable_gpu_decoding() -> None:
     """Back to CPU decoding only in this process."""
-    global _decoder, _params
+    global _decoder, _params, _code_stream
     from pydicom.pixels import get_decoder
 
     for syntax in GPU_SYNTAXES:
         with contextlib.suppress(ValueError):  # not registered for this syntax
             get_decoder(syntax).remove_plugin(PLUGIN)
     _decoder = _params = None
+    _code_stream = bytes
