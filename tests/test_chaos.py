@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from scxnn_node.config import load_config
 from scxnn_node.model.bundle import write_bundle
 from scxnn_node.testing.chaos import ChaosPlan, ChaosRun
 from training.untrained import untrained_parts
@@ -54,3 +55,24 @@ def test_chaos_run_loses_and_confuses_nothing(
     assert audit.acknowledged >= plan.senders * plan.studies_per_sender
     assert run.injected == list(FAULT_ORDER), run.injected
     assert audit.ok, audit.summary(1) + "\n" + audit.report()
+
+
+def test_what_a_fault_leaves_the_node_waiting_on_ends_well_within_the_settle_time(
+    tmp_path: Path, small_bundle_dir: Path
+) -> None:
+    """A kill -9 leaves jobs and deliveries leased to a dead process, retaken only when their
+    lease expires, and each fault a job meets doubles its retry backoff. The chaos node's
+    config must keep these waits short against the settle time, or the audit finds a healthy
+    node stuck: a delivery claimed just before kill_serve stayed leased for the default 600 s,
+    past the 300 s settle ("stuck: delivery 7 (sr of result 4) left pending")."""
+    plan = ChaosPlan()
+    run = ChaosRun(tmp_path, [small_bundle_dir], plan)
+    run.node.write_config()
+    config = load_config(run.node.config_path, environ={})  # as serve reads it
+    # The worst case: every fault of the run gives up the same job, each after its lease.
+    job_waits = sum(
+        config.worker.lease_seconds + config.worker.retry_backoff_seconds * 2**attempt
+        for attempt in range(plan.faults)
+    )
+    assert config.delivery.lease_seconds * plan.faults < plan.settle_seconds / 4
+    assert job_waits < plan.settle_seconds / 4, job_waits

@@ -4,18 +4,22 @@ unusable, and its study goes on without it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Executable, case, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from scxnn_node.store.audit import append_audit, reason_code
+from scxnn_node.store.audit import append_audit, audit_row, reason_code
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import (
     AuditAction,
+    AuditRecord,
     Instance,
     InstanceState,
     Job,
@@ -47,53 +51,88 @@ class InstanceRecord:
 
 
 def record_instance(db: Database, record: InstanceRecord) -> bool:
-    """Commit an instance row (and touch its study); False if the SOP instance was known."""
+    """Commit an instance row, its audit record and (analysed) its study's `receiving`, in one
+    transaction; False if the SOP instance was known. Core statements, not the ORM: this runs
+    once per C-STORE, and the ORM's unit of work cost most of its CPU (bench/ingest.py)."""
     now = utc_now()
-    with db.session() as session:
-        if session.get(Instance, record.sop_instance_uid) is not None:
-            _audit_receipt(session, record, duplicate=True)
-            return False
-        _audit_receipt(session, record, duplicate=False)
-        session.add(
-            Instance(
-                sop_instance_uid=record.sop_instance_uid,
-                study_instance_uid=record.study_instance_uid,
-                series_instance_uid=record.series_instance_uid,
-                sop_class_uid=record.sop_class_uid,
-                path=record.path,
-                size=record.size,
-                calling_ae=record.calling_ae,
-                state=InstanceState.SKIPPED if record.skip_reason else InstanceState.STORED,
-                skip_reason=record.skip_reason,
-                received_at=now,
-            )
+    statements = _ingest_statements(db.engine.dialect.name)
+    with db.engine.begin() as connection:
+        # ON CONFLICT DO NOTHING: a known instance (a re-send, or a concurrent association
+        # committing the same one first: PostgreSQL waits for it) inserts nothing.
+        inserted = (
+            connection.execute(
+                statements.instance,
+                {
+                    "sop_instance_uid": record.sop_instance_uid,
+                    "study_instance_uid": record.study_instance_uid,
+                    "series_instance_uid": record.series_instance_uid,
+                    "sop_class_uid": record.sop_class_uid,
+                    "path": record.path,
+                    "size": record.size,
+                    "calling_ae": record.calling_ae,
+                    "state": InstanceState.SKIPPED if record.skip_reason else InstanceState.STORED,
+                    "skip_reason": record.skip_reason,
+                    "received_at": now,
+                },
+            ).first()
+            is not None
         )
-        if record.skip_reason is None:
-            # Locked (PostgreSQL): a scheduler pass holding the study, turning it into a job
-            # without this uncommitted instance, is waited for and its `queued` read; writing
-            # `receiving` over a stale `receiving` would be left out as no change.
-            study = session.get(
-                Study, record.study_instance_uid, with_for_update=True, populate_existing=True
+        connection.execute(statements.audit, _receipt_row(record, duplicate=not inserted))
+        if inserted and record.skip_reason is None:
+            # An upsert that always writes `receiving` (a reported study gets an amended
+            # result). On PostgreSQL it waits for a scheduler pass holding the study's row,
+            # turning it into a job without this uncommitted instance, and then overwrites its
+            # `queued`; SQLite's BEGIN IMMEDIATE serialises the two.
+            connection.execute(
+                statements.study,
+                {
+                    "study_instance_uid": record.study_instance_uid,
+                    "state": StudyState.RECEIVING,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                },
             )
-            if study is None:
-                session.add(
-                    Study(
-                        study_instance_uid=record.study_instance_uid,
-                        state=StudyState.RECEIVING,
-                        first_received_at=now,
-                        last_received_at=now,
-                    )
-                )
-            else:
-                study.state = StudyState.RECEIVING  # a reported study gets an amended result
-                study.last_received_at = now
-        return True
+        return inserted
 
 
-def _audit_receipt(session: Session, record: InstanceRecord, duplicate: bool) -> None:
-    """A received instance: `received` (outcome stored, or duplicate of a known one), or, new
-    and excluded by the filters, `skipped` with the reason's code; never both, so the records
-    count each acknowledged C-STORE once."""
+@dataclass(frozen=True)
+class _IngestStatements:
+    instance: Executable
+    audit: Executable
+    study: Executable
+
+
+@functools.cache
+def _ingest_statements(dialect: str) -> _IngestStatements:
+    """The three statements of `record_instance`, built once per dialect (both SQLite and
+    PostgreSQL have INSERT ... ON CONFLICT)."""
+    upsert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
+    study = upsert(Study.__table__)
+    newer, current = study.excluded, Study.__table__.c
+    return _IngestStatements(
+        # RETURNING says whether a row went in (a driver's rowcount may be -1 here)
+        instance=upsert(Instance.__table__)
+        .on_conflict_do_nothing(index_elements=[Instance.__table__.c.sop_instance_uid])
+        .returning(Instance.__table__.c.sop_instance_uid),
+        audit=insert(AuditRecord.__table__),
+        study=study.on_conflict_do_update(
+            index_elements=[Study.__table__.c.study_instance_uid],
+            # Never back in time: `now` was read before this transaction waited for its turn.
+            set_={
+                "state": newer.state,
+                "last_received_at": case(
+                    (newer.last_received_at > current.last_received_at, newer.last_received_at),
+                    else_=current.last_received_at,
+                ),
+            },
+        ),
+    )
+
+
+def _receipt_row(record: InstanceRecord, duplicate: bool) -> dict[str, Any]:
+    """A received instance's audit record: `received` (outcome stored, or duplicate of a known
+    one), or, new and excluded by the filters, `skipped` with the reason's code; never both,
+    so the records count each acknowledged C-STORE once."""
     fields: dict[str, Any] = {
         "study_uid": record.study_instance_uid,
         "instance_uid": record.sop_instance_uid,
@@ -101,14 +140,11 @@ def _audit_receipt(session: Session, record: InstanceRecord, duplicate: bool) ->
         "size_bytes": record.size,
     }
     if duplicate:
-        append_audit(session, AuditAction.RECEIVED, outcome="duplicate", **fields)
-    elif record.skip_reason:
+        return audit_row(AuditAction.RECEIVED, outcome="duplicate", **fields)
+    if record.skip_reason:
         reason = record.skip_reason
-        append_audit(
-            session, AuditAction.SKIPPED, outcome=reason_code(reason), detail=reason, **fields
-        )
-    else:
-        append_audit(session, AuditAction.RECEIVED, outcome="stored", **fields)
+        return audit_row(AuditAction.SKIPPED, outcome=reason_code(reason), detail=reason, **fields)
+    return audit_row(AuditAction.RECEIVED, outcome="stored", **fields)
 
 
 def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: str) -> int:

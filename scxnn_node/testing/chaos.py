@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydicom.uid import generate_uid
 
-from scxnn_node.store.models import JobState
+from scxnn_node.store.models import DeliveryState, JobState
 from scxnn_node.testing.audit import Audit, Auditor, NodeDatabase, wait_settled
 from scxnn_node.testing.datasets import chest_dataset, write_part10
 from scxnn_node.testing.node_process import NodeProcess, bundle_version, send_signal, serve_config
@@ -37,6 +38,11 @@ class ChaosPlan:
     seed: int = 0
     shuffle_faults: bool = True  # False: the faults in the order given, round robin
 
+
+# The node's waits after a fault (see ChaosRun.__init__), in seconds.
+WORKER_LEASE_SECONDS = 3.0
+DELIVERY_LEASE_SECONDS = 5.0
+RETRY_BACKOFF_SECONDS = 0.5
 
 FAULTS = (
     "kill_serve",  # kill -9 the serve process (and its group, as systemd does), restart it
@@ -72,7 +78,18 @@ class ChaosRun:
             database_url=database_url,
             pacs_port=self.pacs.port,
             model={"devices": ["cpu", "cpu"]},  # two workers: one can take over the other's job
-            worker={"lease_seconds": 3, "heartbeat_seconds": 0.5, "max_attempts": 50},
+            # Every wait a fault leaves the node with is short against settle_seconds: a lease
+            # held by a killed process (retaken only at its expiry; the delivery default of
+            # 600 s outlasted the audit once a kill -9 hit a delivery under way), and the
+            # backoff of a job given up, doubled at each fault it meets (default 10 s: the
+            # job frozen by pause_mid_job was not retaken before the fault's wait ran out).
+            worker={
+                "lease_seconds": WORKER_LEASE_SECONDS,
+                "heartbeat_seconds": 0.5,
+                "max_attempts": 50,
+                "retry_backoff_seconds": RETRY_BACKOFF_SECONDS,
+            },
+            delivery={"lease_seconds": DELIVERY_LEASE_SECONDS},
             node={"max_associations": 32},
         )
         self.node = NodeProcess(config, root / "node")
@@ -243,6 +260,7 @@ class ChaosRun:
         db = NodeDatabase(self.node.database_url)
         try:
             settled = wait_settled(db, self.plan.settle_seconds)
+            busy = "" if settled else _open_work(db)
             versions = [bundle_version(b) for b in self.bundles]
             audit = Auditor(db, self.node.spool_dir, versions, self.pacs.directory).audit(
                 self.sends, expect_answers=False, everything=True
@@ -250,11 +268,40 @@ class ChaosRun:
         finally:
             db.dispose()
         if not settled:
-            audit.notes.append(f"not settled after {self.plan.settle_seconds:.0f} s")
+            audit.notes.append(
+                f"not settled after {self.plan.settle_seconds:.0f} s; still open: {busy}"
+            )
         if not self.node.helpers():
             audit.notes.append("no process left under serve: a killed worker was not replaced")
         audit.notes.append("faults: " + (", ".join(self.injected) or "none"))
         return audit
+
+
+def _open_work(db: NodeDatabase) -> str:
+    """The jobs and deliveries a node that did not settle still has open, with the lease or
+    backoff each waits on (a lease held by a killed process is retaken only at its expiry)."""
+    now = datetime.now(UTC).replace(tzinfo=None)  # as the node writes its times: naive UTC
+    jobs = db.rows(
+        "SELECT id, state, lease_owner, lease_expires_at, next_attempt_at FROM jobs"
+        " WHERE state IN (:ready, :claimed) ORDER BY id",
+        ready=JobState.READY.value,
+        claimed=JobState.CLAIMED.value,
+    )
+    deliveries = db.rows(
+        "SELECT id, lease_owner, lease_expires_at, next_attempt_at FROM deliveries"
+        " WHERE state = :pending ORDER BY id",
+        pending=DeliveryState.PENDING.value,
+    )
+    lines = [
+        f"job {j['id']} {j['state']} (lease {j['lease_owner']} until {j['lease_expires_at']},"
+        f" next attempt {j['next_attempt_at']})"
+        for j in jobs
+    ] + [
+        f"delivery {d['id']} pending (lease {d['lease_owner']} until {d['lease_expires_at']},"
+        f" next attempt {d['next_attempt_at']})"
+        for d in deliveries
+    ]
+    return f"at {now:%H:%M:%S} UTC: " + ("; ".join(lines) or "a study receiving")
 
 
 def _job_state(db: NodeDatabase, job_id: int) -> str:
