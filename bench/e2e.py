@@ -220,9 +220,10 @@ def main() -> None:
     node = Node(config)
     node.start()
     try:
-        warm = study_files(template, root / "warm", 1)
+        # One study per worker, all at once: every worker started and warmed up.
+        warm = study_files(template, root / "warm", args.workers_per_device)
         send(storescu, config.node.port, *warm)
-        wait_for_srs(pacs, 1, 600)  # worker started and warmed up
+        wait_for_srs(pacs, len(warm), 600)
         latencies = []
         for f in study_files(template, root / "latency", args.latency_studies):
             before = len(sr_studies(pacs))

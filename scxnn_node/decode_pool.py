@@ -151,6 +151,12 @@ class DecodePool:
             self._discard()
             return self._pool().submit(decode_spooled_instance, *args)
 
+    def start(self) -> None:
+        """Start the processes now rather than at the first submit, so the first study does
+        not wait for them (a GPU decoder takes seconds to initialise)."""
+        if self.processes > 0:
+            self._pool().submit(os.getpid).result()
+
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(

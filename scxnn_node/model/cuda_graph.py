@@ -69,11 +69,18 @@ class GraphedEnsemble:
         self.pool = torch.cuda.graph_pool_handle()  # one pool: graphs replay one at a time
         self.captured: dict[int, _CapturedPass] = {}
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (n, S, S) with n <= batch_size -> float32 logits (n, M, 3)."""
-        shape = next(s for s in self.shapes if s >= len(images))
+    def capture_all(self) -> None:
+        """Capture every shape now (largest first), so that no study waits for a capture."""
+        for shape in reversed(self.shapes):
+            self._captured(shape)
+
+    def _captured(self, shape: int) -> _CapturedPass:
         if shape not in self.captured:
             self.captured[shape] = _CapturedPass(
                 self.ensemble_pass, shape, self.size, self.device, self.pool
             )
-        return self.captured[shape](images)
+        return self.captured[shape]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (n, S, S) with n <= batch_size -> float32 logits (n, M, 3)."""
+        return self._captured(next(s for s in self.shapes if s >= len(images)))(images)

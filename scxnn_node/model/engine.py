@@ -113,6 +113,9 @@ class InferenceEngine:
             if self.backend == "cuda_graph"
             else None
         )
+        if self.graphed is not None:
+            with torch.inference_mode():
+                self.graphed.capture_all()
         log.info(
             "engine ready: bundle %s %s, %d members, %s, batch %d, precision %s, backend %s",
             self.manifest.name,
