@@ -216,3 +216,12 @@ def test_cuda_graph_shapes_cover_every_batch_with_few_graphs():
         for n in range(1, batch_size + 1):  # the graph a batch of n replays
             shape = next(s for s in shapes if s >= n)
             assert shape < 2 * n or shape == batch_size
+
+
+def test_auto_backend_is_the_measured_fastest_per_device():
+    from scxnn_node.model.options import resolve_backend
+
+    assert resolve_backend("auto", "cpu", "auto") == "onnx"
+    assert resolve_backend("auto", "cpu", "bf16") == "eager"  # ONNX Runtime here is fp32 only
+    assert resolve_backend("auto", "cuda:0", "auto") == "cuda_graph"
+    assert resolve_backend("eager", "cuda:1", "bf16") == "eager"  # an explicit choice stands

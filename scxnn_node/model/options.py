@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# auto = onnx on the CPU at fp32 (measured faster there: README, "Speed"), eager otherwise.
+# auto = onnx on the CPU at fp32, cuda_graph on CUDA (each measured fastest there: README,
+# "Speed"), eager otherwise.
 # compile = torch.compile (mode: compile_mode): minutes to start at 1024 px and measured no
 # faster than eager on a 2-core CPU. cuda_graph = the whole ensemble pass captured once per
 # batch shape and replayed (CUDA only; model/cuda_graph.py). onnx = ONNX Runtime, CPU and fp32
@@ -49,7 +50,9 @@ def resolve_backend(backend: str, device: str, precision: str) -> str:
     """The backend an engine runs: `auto` made concrete for this device and precision."""
     if backend != "auto":
         return backend
-    return "onnx" if device == "cpu" and precision in ("auto", "fp32") else "eager"
+    if device == "cpu":
+        return "onnx" if precision in ("auto", "fp32") else "eager"
+    return "cuda_graph"
 
 
 @dataclass(frozen=True)
