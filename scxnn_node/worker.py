@@ -304,6 +304,7 @@ class TriageWorker:
         """Work the pipeline until `stop` is set, or until the process `parent_pid` (the node)
         is gone; the jobs still held are handed back."""
         self.stop_requested = stop
+        self.decode_pool.start()  # its processes up (and their GPU decoders) before a study
         log.info(
             "worker %s serving bundle %s %s", self.owner, self.manifest.name, self.manifest.version
         )

@@ -6,7 +6,6 @@ renamed and its row committed); the pynetdicom wiring below only calls it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import logging
@@ -15,7 +14,6 @@ import socket
 import ssl
 import tempfile
 import threading
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -58,6 +56,7 @@ _HEADER_DEFER_BYTES = 1 << 20  # larger header values stay on disk while the hea
 # PDUs instead of 64 of pynetdicom's default 16 KB, each decoded in Python (bench/ingest.py).
 # Bounded, since a PDU is held in memory whole.
 MAX_RECEIVE_PDU_BYTES = 1 << 20
+COMMIT_TURN_WAIT_S = 5.0  # the longest a C-STORE queues for its SQLite commit (IngestService)
 
 
 def uid_problem(value: str) -> str | None:
@@ -150,9 +149,7 @@ class IngestService:
         # SQLite lets one transaction write at a time: this process's C-STOREs queue here for
         # their commit, each starting as the last ends, where SQLite's busy handler would
         # sleep 1, 2, 5, 10 ms and more between tries (bench/ingest.py, 4 senders).
-        self._commit_turn: AbstractContextManager[object] = (
-            threading.Lock() if db.is_sqlite else contextlib.nullcontext()
-        )
+        self._commit_turn = threading.Lock() if db.is_sqlite else None
 
     def filter_reason(self, header: Dataset, sop_class: str) -> str | None:
         """Why the configured filters exclude this image, or None to analyse it."""
@@ -227,8 +224,16 @@ class IngestService:
         """Commit the instance's row; False if it was known. A concurrent association storing
         the same instance, or the first of the same study, is settled by the statements' ON
         CONFLICT clauses (store/assembly.py)."""
-        with self._commit_turn:
+        if self._commit_turn is None:
             return record_instance(self.db, record)
+        # Waiting longer means a stuck database: go to it anyway, where its busy timeout
+        # bounds the wait and the sender gets 0xA700, as without the queue.
+        queued = self._commit_turn.acquire(timeout=COMMIT_TURN_WAIT_S)
+        try:
+            return record_instance(self.db, record)
+        finally:
+            if queued:
+                self._commit_turn.release()
 
     def _refused(
         self,

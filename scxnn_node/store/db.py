@@ -18,6 +18,7 @@ from scxnn_node.store.models import Base, Event
 # Any constant: PostgreSQL's advisory lock that serialises schema creation and upgrades of
 # nodes starting together on one database (SQLite's BEGIN IMMEDIATE already does).
 _SCHEMA_LOCK = 0x5C7A0001
+_READING = "scxnn_reading"  # execution option of Database.reading's connections
 
 
 class SchemaMismatch(Exception):
@@ -41,7 +42,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def _sqlite_begin(conn) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A read (Database.reading) needs no write lock: a WAL reader sees the last commit.
+    reading = conn.get_execution_options().get(_READING, False)
+    conn.exec_driver_sql("BEGIN" if reading else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -128,6 +131,13 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A connection for reads alone (Core statements), lighter than a session; on SQLite it
+        takes no write lock, so a poll never makes a writer wait."""
+        with self.engine.connect() as connection:
+            yield connection.execution_options(**{_READING: True})
 
     def record_event(self, kind: str, message: str, subject: str = "", level: str = "INFO") -> None:
         """An audit event; UIDs in the message are hashed, passwords hidden."""
