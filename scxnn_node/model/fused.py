@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from scxnn_node.model.member import MemberNet
 
@@ -31,7 +32,8 @@ class _FusedDenseLayer(nn.Module):
         self.register_buffer("shift1", b1.view(1, -1, 1, 1).clone())
         s2, b2 = _bn_scale_shift(layer.norm2)
         conv1: nn.Conv2d = layer.conv1
-        self.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 1, bias=True)
+        # Not initialised (skip_init): both tensors are set right below.
+        self.conv1 = skip_init(nn.Conv2d, conv1.in_channels, conv1.out_channels, 1, bias=True)
         with torch.no_grad():
             self.conv1.weight.copy_(conv1.weight * s2.view(-1, 1, 1, 1))
             self.conv1.bias.copy_(b2)
