@@ -250,10 +250,13 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.preprocessing
     engine = InferenceEngine(bundle, config.model.engine_options(args.device, None))
+    # Decoded here on the CPU: a sample of the burst (a 2500 px JPEG 2000 costs about half a CPU
+    # second), repeated to the burst's length for the engine.
+    sample = burst[: max(4, 2 * args.studies_in_flight)]
     t0 = time.perf_counter()
-    images = [prepare_instance(f, spec).image for f in burst]
-    decode_per_study = (time.perf_counter() - t0) / len(burst)
-    stack = np.stack(images)  # type: ignore[arg-type]
+    images = [prepare_instance(f, spec).image for f in sample]
+    decode_per_study = (time.perf_counter() - t0) / len(sample)
+    stack = np.stack([images[i % len(images)] for i in range(len(burst))])  # type: ignore[misc]
     engine.member_logits(stack[: args.studies_in_flight])  # warm-up
     t0 = time.perf_counter()
     for first in range(0, len(stack), args.studies_in_flight):
