@@ -519,3 +519,36 @@ def test_the_heartbeat_keeps_the_lease_of_every_study_held(make_config, db, spoo
         jobs = s.execute(select(Job)).scalars().all()
         assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 3  # none run twice
         assert len(s.execute(select(Result)).scalars().all()) == 3
+
+
+class _DecodeKillingWorker(_CountingWorker):
+    """Kills its decode process with SIGKILL right after handing it the first studies."""
+
+    killed = 0
+
+    def _claim_more(self):
+        super()._claim_more()
+        executor = self.decode_pool._executor
+        if not self.killed and executor is not None:
+            for process in list(executor._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+                self.killed += 1
+
+
+def test_a_decode_process_killed_mid_study_loses_and_repeats_nothing(make_config, db, spool):
+    config = make_config(studies_in_flight=2, decode_processes=1, retry_backoff_seconds=0)
+    studies = [_queued_study(db, spool, seed) for seed in (1, 2, 3)]
+    worker = _DecodeKillingWorker(config, "cpu")
+    _pump_until_idle(worker)
+    assert worker.killed == 1
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        results = s.execute(select(Result)).scalars().all()
+        states = {s.get(Study, study).state for study in studies}
+    # Whatever the kill broke was tried again: every study reported once, none failed.
+    assert [j.state for j in jobs] == ["done"] * 3
+    # A spawned decode process takes a second to start: the kill lands before any decode.
+    assert sorted(j.attempts for j in jobs) == [1, 2, 2]
+    assert sorted(r.study_instance_uid for r in results) == sorted(studies)
+    assert states == {"reported"}
+    assert len(_outbox_files(spool)) == 2 * 3  # an SR and a summary per study, no more
