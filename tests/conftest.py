@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from scxnn_node.model.bundle import write_bundle
+from scxnn_node.store.db import Database
 from training.untrained import untrained_parts
 
 DATA = Path(__file__).resolve().parents[1] / "scxnn_node" / "samples"
@@ -80,3 +81,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield admin.rsplit("/", 1)[0] + f"/{name}"
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    """An empty node database of each supported kind (a test file may define its own)."""
+    database = Database(database_url)
+    database.create_schema()
+    yield database
+    database.dispose()

@@ -8,9 +8,7 @@ from __future__ import annotations
 import copy
 import socket
 import threading
-from collections.abc import Iterator
 
-import pytest
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 from sqlalchemy import func, select
@@ -29,12 +27,6 @@ STUDY = "1.2.826.0.1.3680043.10.9.7"
 DX = DigitalXRayImageStorageForPresentation
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
 
 
 def _at_once(calls: list) -> list:

@@ -8,7 +8,6 @@ import multiprocessing as mp
 import time
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select, update
 
 from scxnn_node.status import node_status
@@ -17,15 +16,6 @@ from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Job, Study
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.testing.loopback import wait_for
-
-
-@pytest.fixture
-def db(database_url) -> Database:
-    """An empty node database: SQLite file or PostgreSQL (every test runs on both)."""
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
 
 
 def _enqueue(db, n: int) -> None:

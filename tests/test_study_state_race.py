@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
-import pytest
 from sqlalchemy import select, update
 
 from scxnn_node.store.assembly import (
@@ -34,12 +33,6 @@ def _record(sop: str) -> InstanceRecord:
     return stored_instance_record(STUDY, sop)
 
 
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url)
-    database.create_schema()
-    yield database
-    database.dispose()
 
 
 def _claimed_job(db: Database, queue: JobQueue) -> ClaimedJob:

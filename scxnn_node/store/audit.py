@@ -38,37 +38,10 @@ _REASON_CODES = (
 _CODE_PREFIX = re.compile(r"([a-z][a-z_]{1,40}):")  # "not_dicom: ...", "unusable: ..."
 
 
-def append_audit(
-    session: Session,
-    action: AuditAction,
-    *,
-    study_uid: str = "",
-    instance_uid: str = "",
-    party: str = "",
-    bundle_version: str = "",
-    outcome: str = "",
-    risk_tier: str = "",
-    size_bytes: int | None = None,
-    seconds: float | None = None,
-    detail: str = "",
-) -> None:
-    """Add one record in the caller's transaction, so it commits with the change it records."""
-    session.add(
-        AuditRecord(
-            **audit_row(
-                action,
-                study_uid=study_uid,
-                instance_uid=instance_uid,
-                party=party,
-                bundle_version=bundle_version,
-                outcome=outcome,
-                risk_tier=risk_tier,
-                size_bytes=size_bytes,
-                seconds=seconds,
-                detail=detail,
-            )
-        )
-    )
+def append_audit(session: Session, action: AuditAction, **fields: Any) -> None:
+    """Add one record (fields as `audit_row` takes them) in the caller's transaction, so it
+    commits with the change it records."""
+    session.add(AuditRecord(**audit_row(action, **fields)))
 
 
 def audit_row(
