@@ -76,6 +76,38 @@ def test_concurrent_senders_every_acknowledged_instance_has_its_row_and_file(
         assert _stop_within(node, 60)
 
 
+def test_an_ingest_process_killed_while_storing_loses_no_acknowledged_instance(
+    tmp_path, small_bundle_dir
+):
+    """kill -9 while C-STOREs queue for their (group) commit: whatever was acknowledged has
+    its row and its file; what was not is the sender's to send again."""
+    files = sample_copies(tmp_path / "sent", SENDERS * 6, per_study=3)
+    node = _node(tmp_path / "node", small_bundle_dir)
+    node.start()
+    try:
+        port = node.config.node.port
+
+        def stored() -> int:
+            with node.db.session() as session:
+                return len(session.execute(select(Instance.sop_instance_uid)).all())
+
+        with ThreadPoolExecutor(SENDERS) as pool:
+            sending = [pool.submit(store_files, port, files[i::SENDERS]) for i in range(SENDERS)]
+            wait_for(lambda: stored() >= SENDERS, 120, interval=0.02)
+            for pid in _ingest_pids(node)[:2]:  # most associations are on one of these
+                os.kill(pid, signal.SIGKILL)
+            sent: list[Sent] = [s for future in sending for s in future.result()]
+        with node.db.session() as session:
+            rows = {i.sop_instance_uid: i.path for i in session.execute(select(Instance)).scalars()}
+        acknowledged = [s for s in sent if s.acknowledged]
+        assert acknowledged
+        for s in acknowledged:
+            assert s.sop_instance_uid in rows
+            assert node.spool.absolute(rows[s.sop_instance_uid]).stat().st_size > 1_000_000
+    finally:
+        assert _stop_within(node, 60)
+
+
 def test_each_ingest_process_applies_the_caller_checks(tmp_path, small_bundle_dir):
     node = _node(tmp_path, small_bundle_dir)
     node.start()
