@@ -132,7 +132,16 @@ def test_a_killed_ingest_process_is_restarted_and_the_node_keeps_answering(
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: not process_alive(victim), 30, interval=0.05)
-        assert all(echo(node.config.node.port) for _ in range(2 * PROCESSES))  # the others
+
+        def others_answer() -> bool:  # every one of many associations in a row
+            return all(echo(node.config.node.port) for _ in range(2 * PROCESSES))
+
+        # Right after the kill an association can be reset (seen in about half of the runs;
+        # most likely one queued at the dead process's socket: Linux resets a closed
+        # SO_REUSEPORT listener's queue unless net.ipv4.tcp_migrate_req is on). The sender sees
+        # one refused attempt and nothing acknowledged is lost; within seconds the others
+        # answer every association.
+        assert wait_for(others_answer, 10, interval=0.2)
         replaced = wait_for(
             lambda: [p for p in _ingest_pids(node) if p not in before and process_alive(p)], 120
         )
@@ -140,10 +149,7 @@ def test_a_killed_ingest_process_is_restarted_and_the_node_keeps_answering(
         died = [r for r in caplog.records if "died" in r.getMessage()]
         assert died and died[0].levelno == logging.ERROR and str(victim) in died[0].getMessage()
 
-        def restarted_listens() -> bool:  # the new process answers too: every one of many does
-            return all(echo(node.config.node.port) for _ in range(2 * PROCESSES))
-
-        assert wait_for(restarted_listens, 60)
+        assert wait_for(others_answer, 60)  # the new process answers too
     finally:
         assert _stop_within(node, 60)
     assert not any(process_alive(pid) for pid in _ingest_pids(node) + before)
