@@ -159,9 +159,8 @@ _ANY_QUIET = (
 def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: str) -> int:
     """Studies with no new instance for `quiet_seconds` get a job for their current instances."""
     cutoff = utc_now() - timedelta(seconds=quiet_seconds)
-    with db.reading() as connection:  # the usual answer cheaply; the locked read rechecks
-        if connection.execute(_ANY_QUIET, {"cutoff": cutoff}).first() is None:
-            return 0
+    if not db.finds_any(_ANY_QUIET, {"cutoff": cutoff}):  # the usual answer, cheaply
+        return 0
     queued = 0
     with db.session() as session:
         studies = (

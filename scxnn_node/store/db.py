@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, Executable, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from scxnn_node.logs import redact, redact_url
@@ -138,6 +139,12 @@ class Database:
         takes no write lock, so a poll never makes a writer wait."""
         with self.engine.connect() as connection:
             yield connection.execution_options(**{_READING: True})
+
+    def finds_any(self, statement: Executable, parameters: dict[str, Any]) -> bool:
+        """Whether `statement` (a SELECT ... LIMIT 1) returns a row: the cheap read an idle poll
+        makes before its claim (which checks again under its lock)."""
+        with self.reading() as connection:
+            return connection.execute(statement, parameters).first() is not None
 
     def record_event(self, kind: str, message: str, subject: str = "", level: str = "INFO") -> None:
         """An audit event; UIDs in the message are hashed, passwords hidden."""

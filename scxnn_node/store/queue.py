@@ -149,12 +149,10 @@ class JobQueue:
         """Whether a job of this owner's bundle may be ready and due: a cheap read (a superset
         of what the claim takes, which checks again)."""
         version = self.bundle_version
-        with self.db.reading() as connection:
-            row = connection.execute(
-                _ANY_READY if version is None else _ANY_READY_OF_VERSION,
-                {"now": utc_now(), "version": version},
-            ).first()
-        return row is not None
+        return self.db.finds_any(
+            _ANY_READY if version is None else _ANY_READY_OF_VERSION,
+            {"now": utc_now(), "version": version},
+        )
 
     def _claimable(self, now: datetime):
         """Ready jobs this owner may take: its bundle, due, and no job of the study claimed."""

@@ -239,8 +239,7 @@ _ANY_CLAIMABLE = select(Delivery.id).where(_claimable(bindparam("now"))).limit(1
 
 def any_due_delivery(db: Database) -> bool:
     """Whether a delivery could be claimed now: a cheap read, rechecked by the claim itself."""
-    with db.reading() as connection:
-        return connection.execute(_ANY_CLAIMABLE, {"now": utc_now()}).first() is not None
+    return db.finds_any(_ANY_CLAIMABLE, {"now": utc_now()})
 
 
 def claim_due_deliveries(
