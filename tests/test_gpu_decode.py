@@ -16,6 +16,8 @@ import openjpeg
 import pytest
 import torch
 from dicom_factory import chest_pixels, make_dataset, write
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
 from scxnn_node.imaging import gpu_decode
@@ -146,3 +148,52 @@ class TestOnTheGpu:
         gpu_decode.disable_gpu_decoding()
         np.testing.assert_array_equal(gpu, prepare_instance(path, spec).image)
         assert JPEGBaseline8Bit in gpu_decode.GPU_SYNTAXES
+
+
+class _WrongShapeStandIn(_OpenJpegStandIn):
+    """A GPU decoder that hands back the image transposed: the plugin must refuse it."""
+
+    def decode(self, src: bytes, params: object = None) -> _StandInImage | None:
+        self.calls += 1
+        return _StandInImage(np.ascontiguousarray(openjpeg.decode(bytes(src)).T))
+
+
+def test_a_gpu_image_of_another_shape_is_refused_and_the_cpu_decodes(tmp_path, stand_in):
+    pixels = chest_pixels(160, seed=9, bits=12)[:, :120]  # not square: transposing shows
+    ds = make_dataset(np.ascontiguousarray(pixels), bits_stored=12)
+    ds.compress(JPEG2000Lossless)
+    path = write(ds, tmp_path / "wide.dcm")
+    decoder = stand_in()
+    wrong = _WrongShapeStandIn()
+    gpu_decode._decoder = wrong  # the fixture's monkeypatch restores it
+    np.testing.assert_array_equal(load_image(path).pixels, pixels)
+    assert wrong.calls == 1 and decoder.calls == 0
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    rows=st.integers(64, 200),
+    columns=st.integers(64, 200),
+    bits=st.integers(8, 16),
+    seed=st.integers(0, 2**16),
+)
+def test_generated_images_come_through_the_plugin_as_the_cpu_decodes_them(
+    rows, columns, bits, seed
+):
+    from pydicom.pixels import get_decoder
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 2**bits, (rows, columns)).astype(np.uint8 if bits <= 8 else np.uint16)
+    ds = make_dataset(pixels, bits_stored=bits)
+    ds.compress(JPEG2000Lossless)
+    decoder = _OpenJpegStandIn()
+    gpu_decode._decoder = decoder
+    try:
+        for syntax in gpu_decode.GPU_SYNTAXES:
+            get_decoder(syntax).add_plugin(gpu_decode.PLUGIN, (gpu_decode.__name__, "decode_frame"))
+        from scxnn_node.imaging.decode import decode_pixels
+
+        np.testing.assert_array_equal(decode_pixels(ds).pixels, pixels)
+        assert decoder.calls == 1
+    finally:
+        gpu_decode.disable_gpu_decoding()
