@@ -36,6 +36,7 @@ from scxnn_node.config import Hl7Destination, NodeConfig
 from scxnn_node.decode_pool import DecodedInstance, DecodePool, decode_spooled_instance
 from scxnn_node.dicom.sr import build_triage_sr
 from scxnn_node.dicom.summary import build_summary_image
+from scxnn_node.doorbell import Doorbell
 from scxnn_node.drift import record_drift_samples
 from scxnn_node.hl7.oru import StudyHeaders, build_oru
 from scxnn_node.logs import short_hash
@@ -98,8 +99,19 @@ def stop_on_signals(stop: threading.Event) -> None:
 
 
 class TriageWorker:
-    def __init__(self, config: NodeConfig, device: str, bundle: Bundle | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        device: str,
+        bundle: Bundle | None = None,
+        jobs_queued: Doorbell | None = None,
+        results_committed: Doorbell | None = None,
+    ) -> None:
         self.config = config
+        # Rung by the scheduler when it queues jobs; rung here when a result's deliveries are
+        # committed. Without them (tests, a lone worker) the worker polls.
+        self.jobs_queued = jobs_queued or Doorbell()
+        self.results_committed = results_committed or Doorbell()
         self.db = Database(config.database.url)
         self.db.check_schema()
         self.spool = Spool(config.storage.spool_dir)
@@ -322,8 +334,8 @@ class TriageWorker:
                         except Exception:  # the database, most likely: try again after a poll
                             log.exception("worker %s: could not claim a job", self.owner)
                             worked = False
-                        if not worked:
-                            stop.wait(self.config.worker.poll_seconds)
+                        if not worked and not stop.is_set():
+                            self.jobs_queued.wait(self.config.worker.poll_seconds)
                 finally:
                     self._hand_back_in_flight()
         finally:
@@ -559,6 +571,7 @@ class TriageWorker:
                     raise LostLease(f"job {job.id} was taken over; result discarded")
                 mark_study_reported(session, job.study_instance_uid)
                 mark_instances_unusable(session, triaged.unusable)
+            self.results_committed.ring()
         except BaseException:
             self._remove(outputs.all_paths if outputs else ())
             raise
