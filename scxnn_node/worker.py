@@ -4,9 +4,12 @@ The worker is a pipeline: it holds up to `worker.studies_in_flight` claimed jobs
 its own lease (one heartbeat thread beats them all); their instances are decoded and
 preprocessed in the decode pool (decode_pool.py) while the engine works on the studies decoded
 before, and the studies ready at the same time go through the engine in one pass. Each job is
-then committed on its own. A crash at any point leaves, for each held job, either nothing (the
-job's lease expires and it runs again) or the whole outcome (result, output files, deliveries
-and the job's completion commit together), so a study never gets two SRs for the same input.
+then concluded on its own (outputs built, written and committed) on the conclusion thread while
+the engine goes on with the next studies; at most `studies_in_flight` jobs wait there, so a
+worker holds at most twice that many. A crash at any point leaves, for each held job, either
+nothing (the job's lease expires and it runs again) or the whole outcome (result, output files,
+deliveries and the job's completion commit together), so a study never gets two SRs for the
+same input.
 Outputs go to paths unique to the attempt and are written only after the lease is checked; a
 job whose lease is gone is abandoned at its next step and makes nothing visible (the others go
 on); a worker asked to stop hands back every job it holds. An instance the worker cannot use
@@ -23,7 +26,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -152,6 +155,10 @@ class TriageWorker:
         self._leases: dict[int, _Lease] = {}  # job id -> lease, for every job held
         self._leases_lock = threading.Lock()
         self._in_flight: list[_InFlight] = []
+        # One thread: outcomes commit in the order the engine produced them, and the GIL would
+        # give a second thread little (the engine thread waits on the device or ONNX Runtime).
+        self._conclusions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conclude")
+        self._concluding: list[Future[None]] = []
 
     @property
     def _lease(self) -> _Lease | None:
@@ -186,23 +193,50 @@ class TriageWorker:
     def pump(self) -> bool:
         """One turn of the pipeline: claim jobs up to `studies_in_flight` (their instances go to
         the decode pool at once), wait up to a poll for a study to be fully decoded, then triage
-        together every held study that is. False when the worker holds no job."""
+        together every held study that is, their conclusions left to the conclusion thread.
+        False when the worker holds no job."""
         self._claim_more()
         self._drop_lost()
+        self._concluding = [f for f in self._concluding if not f.done()]
+        poll = self.config.worker.poll_seconds
         if not self._in_flight:
-            return False
+            if not self._concluding:
+                return False
+            wait(self._concluding, timeout=poll, return_when=FIRST_COMPLETED)
+            return True
         if not any(flight.decoded() for flight in self._in_flight):
             pending = [f for flight in self._in_flight for f in flight.decodes if not f.done()]
-            wait(pending, timeout=self.config.worker.poll_seconds, return_when=FIRST_COMPLETED)
+            wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
         ready = [flight for flight in self._in_flight if flight.decoded()]
         if ready:
             self._in_flight = [flight for flight in self._in_flight if flight not in ready]
-            try:
-                self._triage_together(ready)
-            finally:
-                for flight in ready:
-                    self._let_go(flight.job.id)
+            self._triage_together(ready)
         return True
+
+    def _conclude_now(self, job: ClaimedJob, triage: Callable[[], Triaged]) -> None:
+        try:
+            self._conclude(job, triage)
+        finally:
+            self._let_go(job.id)
+
+    def _conclude_later(self, job: ClaimedJob, triaged: Triaged) -> None:
+        """On the conclusion thread; the engine thread waits first when `studies_in_flight`
+        conclusions are already waiting (bounded memory: each holds its images)."""
+        while len(self._concluding) >= self.config.worker.studies_in_flight:
+            wait(self._concluding, return_when=FIRST_COMPLETED)
+            self._concluding = [f for f in self._concluding if not f.done()]
+        try:
+            self._concluding.append(
+                self._conclusions.submit(self._conclude_now, job, lambda: triaged)
+            )
+        except RuntimeError as exc:  # the pool is shut: the worker is stopping
+            self._conclude_now(job, _raising(StopRequested(str(exc))))
+
+    def _await_conclusions(self) -> None:
+        """A stopping worker lets every conclusion end: committed, or handed back at its next
+        step (each checks for the stop first)."""
+        wait(self._concluding)
+        self._concluding = []
 
     def _claim_more(self) -> None:
         spec, policy = self.manifest.preprocessing, self.policy
@@ -222,8 +256,7 @@ class TriageWorker:
                     for uid, path in rows
                 ]
             except Exception as exc:
-                self._conclude(job, _raising(exc))
-                self._let_go(job.id)
+                self._conclude_now(job, _raising(exc))
                 continue
             self._in_flight.append(_InFlight(job, rows, decodes))
 
@@ -236,8 +269,7 @@ class TriageWorker:
                     decode.cancel()
                 self._in_flight.remove(flight)
                 lost = LostLease(f"job {flight.job.id} was taken over")
-                self._conclude(flight.job, _raising(lost))
-                self._let_go(flight.job.id)
+                self._conclude_now(flight.job, _raising(lost))
 
     def _hand_back_in_flight(self) -> None:
         """A stopping worker gives back every job it still holds."""
@@ -245,11 +277,10 @@ class TriageWorker:
         for flight in flights:
             for decode in flight.decodes:
                 decode.cancel()
-            self._conclude(flight.job, _raising(StopRequested()))
-            self._let_go(flight.job.id)
+            self._conclude_now(flight.job, _raising(StopRequested()))
 
     def _triage_together(self, flights: list[_InFlight]) -> None:
-        """Decoded studies: one engine pass over all their images, then each job committed on
+        """Decoded studies: one engine pass over all their images, then each job concluded on
         its own (a job that fails or lost its lease takes no other job with it)."""
         gathered: list[tuple[_InFlight, list[PreparedInstance], dict[str, str]]] = []
         for flight in flights:
@@ -257,7 +288,7 @@ class TriageWorker:
                 self._checkpoint(flight.job)
                 prepared, unusable = _gathered([f.result() for f in flight.decodes])
             except Exception as exc:  # a decode process died, MemoryError, stop, lost lease
-                self._conclude(flight.job, _raising(exc))
+                self._conclude_now(flight.job, _raising(exc))
                 continue
             gathered.append((flight, prepared, unusable))
         if not gathered:
@@ -268,12 +299,12 @@ class TriageWorker:
             )
         except Exception as exc:
             for flight, _, _ in gathered:
-                self._conclude(flight.job, _raising(exc))
+                self._conclude_now(flight.job, _raising(exc))
             return
         for (flight, prepared, unusable), result in zip(gathered, results, strict=True):
             purged = _purged(flight.job, flight.rows)
             triaged = Triaged(replace(result, purged_instances=purged), prepared, unusable)
-            self._conclude(flight.job, lambda triaged=triaged: triaged)
+            self._conclude_later(flight.job, triaged)
 
     def _infer(self, studies: list[tuple[str, list[PreparedInstance]]]) -> list[StudyResult]:
         return triage_studies(self.engine, studies)
@@ -338,7 +369,9 @@ class TriageWorker:
                             self.jobs_queued.wait(self.config.worker.poll_seconds)
                 finally:
                     self._hand_back_in_flight()
+                    self._await_conclusions()
         finally:
+            self._conclusions.shutdown(wait=True)
             self.decode_pool.close()
             finished.set()
             alive.join()

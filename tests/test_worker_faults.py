@@ -552,3 +552,59 @@ def test_a_decode_process_killed_mid_study_loses_and_repeats_nothing(make_config
     assert sorted(r.study_instance_uid for r in results) == sorted(studies)
     assert states == {"reported"}
     assert len(_outbox_files(spool)) == 2 * 3  # an SR and a summary per study, no more
+
+
+class _SlowOutputsWorker(_CountingWorker):
+    """The first study's outputs (SR, summary) wait until the engine has run a second pass,
+    or give up after `patience` seconds."""
+
+    patience = 20.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.first_outputs_started = threading.Event()
+        self.second_pass = threading.Event()
+        self.overlapped: bool | None = None
+
+    def _infer(self, studies):
+        results = super()._infer(studies)
+        if len(self.passes) >= 2:
+            self.second_pass.set()
+        return results
+
+    def _build_outputs(self, *args, **kwargs):
+        if not self.first_outputs_started.is_set():
+            self.first_outputs_started.set()
+            self.overlapped = self.second_pass.wait(self.patience)
+        return super()._build_outputs(*args, **kwargs)
+
+
+def test_the_engine_does_not_wait_for_a_studys_outputs(make_config, db, spool):
+    # On a GPU the engine takes ~25 ms a study and the outputs ~100 ms of CPU: the next pass
+    # must run while the last studies' outputs are built and committed.
+    config = make_config(studies_in_flight=2, decode_processes=0, poll_seconds=0.05)
+    first = _queued_study(db, spool, 1)
+    worker = _SlowOutputsWorker(config, "cpu")
+    stop = threading.Event()
+    running = threading.Thread(target=worker.run, args=(stop,))
+    running.start()
+    try:
+        assert worker.first_outputs_started.wait(120)
+        second = _queued_study(db, spool, 2)
+        worker.jobs_queued.ring()
+
+        def reported() -> bool:
+            with db.session() as s:
+                return len(s.execute(select(Result)).scalars().all()) == 2
+
+        wait_for(reported, 120)
+    finally:
+        stop.set()
+        running.join()
+    assert worker.overlapped is True
+    assert worker.passes == [[first], [second]]
+    with db.session() as s:
+        jobs = s.execute(select(Job)).scalars().all()
+        assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 2
+        assert {s.get(Study, study).state for study in (first, second)} == {"reported"}
+    assert len(_outbox_files(spool)) == 2 * 2
