@@ -23,8 +23,10 @@ from scxnn_node.store.results import (
     Attempt,
     DueDelivery,
     claim_due_deliveries,
+    delivery_lease_owners,
     missing_output,
     record_attempts,
+    release_deliveries_of,
 )
 from scxnn_node.store.spool import Spool
 
@@ -98,6 +100,15 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:dispatcher:{uuid.uuid4().hex[:8]}"
         self.lease = timedelta(seconds=config.delivery.lease_seconds)
 
+    def release_dead_leases(self) -> int:
+        """Deliveries leased by a dispatcher of this host whose process is gone (killed, or
+        crashed) are due now, not when their lease expires; returns how many."""
+        dead = [owner for owner in delivery_lease_owners(self.db) if _died_here(owner)]
+        released = release_deliveries_of(self.db, dead)
+        if released:
+            log.warning("%d delivery(ies) of a dispatcher that died are due again", released)
+        return released
+
     def backoff(self, attempts: int) -> timedelta:
         d = self.config.delivery
         return timedelta(
@@ -153,6 +164,22 @@ class Dispatcher:
         return record_attempts(
             self.db, self.owner, attempts, self.config.delivery.max_attempts, self.backoff
         )
+
+
+def _died_here(owner: str) -> bool:
+    """Whether `owner` (host:pid:dispatcher:id) is a dispatcher of this host whose process no
+    longer exists. A pid reused since counts as alive: its lease then expires as usual."""
+    parts = owner.rsplit(":", 3)
+    if len(parts) != 4 or parts[2] != "dispatcher" or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+        os.kill(pid, 0)  # signal 0: nothing sent, only whether the process exists
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):  # not a pid; a process of another user
+        return False
+    return False
 
 
 def _failure(status: int | None, error: str | None) -> str | None:

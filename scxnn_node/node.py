@@ -9,6 +9,11 @@ that doubles while it keeps dying young. Stop is bounded: SIGTERM (the worker ha
 back), then SIGKILL for a worker still alive after the timeout. A worker dies with the node:
 the kernel signals it when the node's process ends, even by kill -9 (Linux), and it watches
 its parent's pid as well.
+
+The parts wake each other through doorbells (scxnn_node/doorbell.py) over pipes: the SCP rings
+the scheduler when an instance is stored, the scheduler rings a worker slot's doorbell when it
+queued jobs, and a worker rings the dispatcher when its result is committed. A restarted worker
+gets its slot's doorbell.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from multiprocessing.synchronize import Event as ProcessEvent
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
+from scxnn_node.doorbell import Doorbell, PipeEvent
 from scxnn_node.http.server import HttpServer
 from scxnn_node.lifetime import die_with_parent
 from scxnn_node.logs import configure_logging
@@ -46,22 +52,40 @@ INGEST_START_TIMEOUT_S = 120.0  # start() waits this long for the ingest process
 PARENT_WATCH_S = 1.0
 
 
-def run_worker_process(config_json: str, device: str, parent_pid: int) -> None:
-    """Entry point of a worker process (spawned: no state shared with the parent)."""
+def run_worker_process(
+    config_json: str,
+    device: str,
+    parent_pid: int,
+    jobs_queued: PipeEvent | None = None,
+    results_committed: PipeEvent | None = None,
+) -> None:
+    """Entry point of a worker process (spawned: no state shared with the parent but the two
+    doorbells' events)."""
     die_with_parent()
     if os.getppid() != parent_pid:  # the node died before the line above took effect
         return
     stop = threading.Event()
     from scxnn_node.worker import TriageWorker, stop_on_signals
 
-    stop_on_signals(stop)  # before the slow part: a stop during start-up is not lost
+    doorbell = Doorbell(jobs_queued) if jobs_queued is not None else Doorbell()
+    stop_on_signals(stop, doorbell)  # before the slow part: a stop during start-up is not lost
     config = NodeConfig.model_validate_json(config_json)
     configure_logging(config.logging.level, config.logging.json_format)
-    worker = TriageWorker(config, device)
+    worker = TriageWorker(
+        config,
+        device,
+        jobs_queued=doorbell,
+        results_committed=Doorbell(results_committed) if results_committed is not None else None,
+    )
     worker.run(stop, parent_pid=parent_pid)
 
 
-def run_ingest_process(config_json: str, parent_pid: int, listening: ProcessEvent) -> None:
+def run_ingest_process(
+    config_json: str,
+    parent_pid: int,
+    listening: ProcessEvent,
+    instance_received: PipeEvent | None = None,
+) -> None:
     """Entry point of an ingest process (spawned): the SCP on the shared port, with its own
     database connection, until SIGTERM or the node's end."""
     die_with_parent()
@@ -74,7 +98,9 @@ def run_ingest_process(config_json: str, parent_pid: int, listening: ProcessEven
     configure_logging(config.logging.level, config.logging.json_format)
     db = Database(config.database.url)
     db.check_schema()  # made by the serve process before it started this one
-    scp = StoreScp(config, IngestService(config, db, Spool(config.storage.spool_dir)))
+    spool = Spool(config.storage.spool_dir)
+    doorbell = Doorbell(instance_received) if instance_received is not None else None
+    scp = StoreScp(config, IngestService(config, db, spool, doorbell))
     scp.start(share_port=True)
     listening.set()
     while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
@@ -95,6 +121,7 @@ class _Slot:
     restart_at: float | None = None
     restart_delay: float = FIRST_RESTART_DELAY_S
     listening: ProcessEvent | None = None  # an ingest process's: set once it accepts associations
+    jobs_queued: PipeEvent | None = None  # a worker's doorbell, the same for its restarts
 
 
 class Node:
@@ -107,22 +134,38 @@ class Node:
         self.db = Database(config.database.url)
         self.db.create_schema()
         self.spool = Spool(config.storage.spool_dir)
+        self._instance_received = PipeEvent()
+        self._results_committed = PipeEvent()
         ingest_processes = config.node.ingest_processes
         self.scp = (
-            StoreScp(config, IngestService(config, self.db, self.spool))
+            StoreScp(
+                config,
+                IngestService(config, self.db, self.spool, Doorbell(self._instance_received)),
+            )
             if ingest_processes == 1
             else None
-        )
-        self.scheduler = NodeScheduler(config, self.db, self.spool, self.bundle_version)
-        self.http = (
-            HttpServer(config, self.db, self.spool, manifest) if config.http.enabled else None
         )
         self.with_workers = workers
         self._slots = [
             _Slot(f"ingest process {n}") for n in range(1, ingest_processes + 1) if self.scp is None
         ]
         if workers:
-            self._slots += [_Slot(f"worker {device}", device) for device in config.model.devices]
+            self._slots += [
+                _Slot(f"worker {device}", device, jobs_queued=PipeEvent())
+                for device in config.model.devices
+            ]
+        self.scheduler = NodeScheduler(
+            config,
+            self.db,
+            self.spool,
+            self.bundle_version,
+            jobs_queued=[Doorbell(s.jobs_queued) for s in self._slots if s.jobs_queued is not None],
+            results_committed=Doorbell(self._results_committed),
+            instance_received=Doorbell(self._instance_received),
+        )
+        self.http = (
+            HttpServer(config, self.db, self.spool, manifest) if config.http.enabled else None
+        )
         self._started = threading.Event()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -193,14 +236,20 @@ class Node:
         if slot.device is not None:
             process = context.Process(
                 target=run_worker_process,
-                args=(config_json, slot.device, os.getpid()),
+                args=(
+                    config_json,
+                    slot.device,
+                    os.getpid(),
+                    slot.jobs_queued,
+                    self._results_committed,
+                ),
                 name=f"scxnn-worker-{slot.device}",
             )
         else:
             slot.listening = context.Event()
             process = context.Process(
                 target=run_ingest_process,
-                args=(config_json, os.getpid(), slot.listening),
+                args=(config_json, os.getpid(), slot.listening, self._instance_received),
                 name=f"scxnn-{slot.name.replace(' ', '-')}",
             )
         process.start()
@@ -242,6 +291,15 @@ class Node:
             self._start(slot)
             log.info("%s restarted (pid %s)", slot.name, slot.process.pid)
 
+    def process_ids(self) -> list[tuple[str, str | None, int]]:
+        """(name, device or None for an ingest process, pid) of each supervised process now
+        running, for benchmarks and diagnostics."""
+        return [
+            (slot.name, slot.device, slot.process.pid)
+            for slot in self._slots
+            if slot.process is not None and slot.process.pid is not None
+        ]
+
     def _bury(self, process: mp.process.BaseProcess, device: str, how: str) -> None:
         """A dead worker's jobs go back to the queue now, not when its lease expires."""
         if process.pid is None:
@@ -253,6 +311,7 @@ class Node:
         workers.forget(self.db, owner)
         if released:
             log.warning("%d job(s) of worker %s put back in the queue", released, owner)
+            self.scheduler.wake_workers()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop within about `timeout` + KILL_WAIT_S seconds, whatever the workers' state."""
@@ -276,8 +335,10 @@ class Node:
             for slot in self._slots
             if slot.process is not None and slot.process.is_alive()
         ]
-        for _slot, process in running:
+        for slot, process in running:
             process.terminate()  # SIGTERM: a worker hands its study back; both kinds exit
+            if slot.jobs_queued is not None:
+                slot.jobs_queued.set()  # an idle worker waits on its doorbell, not on SIGTERM
         deadline = time.monotonic() + timeout
         for slot, process in running:
             process.join(max(0.0, deadline - time.monotonic()))

@@ -94,11 +94,18 @@ class Triaged:
     unusable: dict[str, str]  # SOP Instance UID -> why
 
 
-def stop_on_signals(stop: threading.Event) -> None:
+def stop_on_signals(stop: threading.Event, doorbell: Doorbell | None = None) -> None:
     """SIGTERM and SIGINT ask the worker to stop (main thread only): the study in hand is
-    handed back at its next step instead of holding its lease until it expires."""
+    handed back at its next step instead of holding its lease until it expires. `doorbell`,
+    the worker's "jobs queued", is rung too: an idle worker wakes now, not at its poll."""
+
+    def asked(*_: object) -> None:
+        stop.set()
+        if doorbell is not None:
+            doorbell.ring()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, asked)
 
 
 class TriageWorker:
@@ -393,6 +400,7 @@ class TriageWorker:
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.error("worker %s: its node (pid %d) is gone; stopping", self.owner, parent_pid)
                 self.stop_requested.set()
+                self.jobs_queued.ring()
                 exit_anyway = threading.Timer(PARENT_GONE_GRACE_S, os._exit, args=(1,))
                 exit_anyway.daemon = True
                 exit_anyway.start()

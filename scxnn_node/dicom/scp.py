@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from scxnn_node.config import AllowedCaller, NodeConfig, TlsSection
+from scxnn_node.doorbell import Doorbell
 from scxnn_node.imaging.selection import assess_eligibility
 from scxnn_node.logs import short_hash
 from scxnn_node.store.assembly import InstanceRecord, record_instance
@@ -139,10 +140,19 @@ def holds_instance(path: Path, sop_instance_uid: str) -> bool:
 class IngestService:
     """What the SCP does with one received instance, independent of the network code."""
 
-    def __init__(self, config: NodeConfig, db: Database, spool: Spool) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        spool: Spool,
+        instance_received: Doorbell | None = None,
+    ) -> None:
         self.config = config
         self.db = db
         self.spool = spool
+        # Rung after each new instance: the scheduler then checks its study when the study has
+        # been quiet for study.quiet_seconds, instead of at its next poll.
+        self.instance_received = instance_received or Doorbell()
         self.policy = config.selection_policy()
         self.sop_classes = set(config.filters.sop_classes)
         self.modalities = {m.strip().upper() for m in config.filters.modalities}
@@ -218,6 +228,7 @@ class IngestService:
             log.info("instance %s skipped: %s", sop, skip_reason)
         else:
             log.info("instance %s of study %s stored", sop, short_hash(uids.study))
+            self.instance_received.ring()
         return SUCCESS
 
     def _record(self, record: InstanceRecord) -> bool:

@@ -1,16 +1,17 @@
-"""Study assembly: received instances are recorded; a study quiet for N seconds becomes a job,
-and is reported when its job's result is stored; an instance a worker cannot use is marked
-unusable, and its study goes on without it."""
+"""Study assembly: received instances are recorded; a study quiet for N seconds becomes a job
+(this module owns that rule, and says when the next study becomes quiet), and is reported when
+its job's result is stored; an instance a worker cannot use is marked unusable, and its study
+goes on without it."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, case, insert, select
+from sqlalchemy import Executable, bindparam, case, func, insert, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -154,11 +155,36 @@ _ANY_QUIET = (
     .where(Study.state == StudyState.RECEIVING, Study.last_received_at <= bindparam("cutoff"))
     .limit(1)
 )
+# The receiving study whose last instance came first among those not yet quiet at the cutoff.
+_FIRST_NOT_QUIET = select(func.min(Study.last_received_at)).where(
+    Study.state == StudyState.RECEIVING, Study.last_received_at > bindparam("cutoff")
+)
 
 
-def enqueue_quiet_studies(db: Database, quiet_seconds: float, bundle_version: str) -> int:
-    """Studies with no new instance for `quiet_seconds` get a job for their current instances."""
-    cutoff = utc_now() - timedelta(seconds=quiet_seconds)
+def quiet_cutoff(quiet_seconds: float, now: datetime) -> datetime:
+    """The rule: a receiving study whose last instance arrived at or before this moment is
+    quiet, and gets its job."""
+    return now - timedelta(seconds=quiet_seconds)
+
+
+def next_quiet_at(db: Database, quiet_seconds: float, now: datetime) -> datetime | None:
+    """When the first study that was not quiet at `now` becomes quiet (its last instance's
+    arrival + `quiet_seconds`, later if an instance comes meanwhile); None when no study is
+    receiving. One read that takes no write lock. A study already quiet at `now` is left out:
+    `enqueue_quiet_studies(now=now)` queued it, or another node holds it (PostgreSQL)."""
+    with db.reading() as connection:
+        first = connection.execute(
+            _FIRST_NOT_QUIET, {"cutoff": quiet_cutoff(quiet_seconds, now)}
+        ).scalar()
+    return None if first is None else first + timedelta(seconds=quiet_seconds)
+
+
+def enqueue_quiet_studies(
+    db: Database, quiet_seconds: float, bundle_version: str, now: datetime | None = None
+) -> int:
+    """Studies with no new instance for `quiet_seconds` before `now` (the present moment by
+    default) get a job for their current instances; returns how many jobs were made."""
+    cutoff = quiet_cutoff(quiet_seconds, now or utc_now())
     if not db.finds_any(_ANY_QUIET, {"cutoff": cutoff}):  # the usual answer, cheaply
         return 0
     queued = 0

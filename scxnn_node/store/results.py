@@ -271,6 +271,34 @@ def claim_due_deliveries(
     return [DueDelivery(*row) for row in rows]
 
 
+def delivery_lease_owners(db: Database) -> list[str]:
+    """The owners holding a live lease on a pending delivery (a cheap read)."""
+    statement = (
+        select(Delivery.lease_owner)
+        .where(
+            Delivery.state == DeliveryState.PENDING,
+            Delivery.lease_owner.is_not(None),
+            Delivery.lease_expires_at >= bindparam("now"),
+        )
+        .distinct()
+    )
+    with db.reading() as connection:
+        return list(connection.execute(statement, {"now": utc_now()}).scalars())
+
+
+def release_deliveries_of(db: Database, owners: Sequence[str]) -> int:
+    """The pending deliveries `owners` hold are due for any dispatcher now; returns how many."""
+    if not owners:
+        return 0
+    with db.session() as session:
+        released = session.execute(
+            update(Delivery)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.lease_owner.in_(owners))
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        return released.rowcount or 0
+
+
 def record_attempts(
     db: Database,
     owner: str,

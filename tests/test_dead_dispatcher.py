@@ -1,0 +1,115 @@
+"""A dispatcher of this host that died holding deliveries (kill -9, a crash) does not hold them
+for delivery.lease_seconds: a node starting on the same database releases them at once."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+from datetime import timedelta
+
+import numpy as np
+from dicom_factory import make_dataset
+from sqlalchemy import select
+
+from scxnn_node.node import Node
+from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.models import Delivery, Job, Result
+from scxnn_node.store.spool import Spool
+from scxnn_node.testing.dcmtk import Storescp
+from scxnn_node.testing.loopback import node_config, wait_for
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _leased_delivery(db: Database, spool: Spool, n: int, owner: str) -> int:
+    """A pending delivery of an SR in the outbox, leased to `owner` for an hour."""
+    rel = f"outbox/{n}/sr.dcm"
+    pixels = np.random.default_rng(n).integers(0, 4095, (16, 16), dtype=np.uint16)
+    buffer = io.BytesIO()
+    make_dataset(pixels).save_as(buffer, enforce_file_format=True)
+    spool.write_durably(rel, buffer.getvalue())
+    now = utc_now()
+    with db.session() as s:
+        job = Job(
+            study_instance_uid=f"1.2.{n}",
+            instance_set=str(n).ljust(64, "x"),
+            instance_uids="[]",
+            bundle_version="1.2.3",
+            state="done",
+            created_at=now,
+            updated_at=now,
+        )
+        s.add(job)
+        s.flush()
+        result = Result(
+            job_id=job.id,
+            study_instance_uid=f"1.2.{n}",
+            verdict="abnormal",
+            result_json="{}",
+            sr_sop_instance_uid=f"1.2.{n}.1",
+            summary_sop_instance_uid=f"1.2.{n}.2",
+            created_at=now,
+        )
+        s.add(result)
+        s.flush()
+        delivery = Delivery(
+            result_id=result.id,
+            destination="pacs",
+            kind="sr",
+            path=rel,
+            state="pending",
+            attempts=0,
+            next_attempt_at=now,
+            updated_at=now,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(hours=1),
+        )
+        s.add(delivery)
+        s.flush()
+        return delivery.id
+
+
+def test_a_dead_dispatcher_s_deliveries_go_out_when_a_node_starts(tmp_path, small_bundle_dir):
+    pacs = Storescp(tmp_path / "pacs").start()
+    config = node_config(
+        tmp_path,
+        model={"bundle": str(small_bundle_dir)},
+        destinations=[
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
+        ],
+        delivery={"lease_seconds": 3600},
+        scheduler={"delivery_seconds": 0.2},
+    )
+    db = Database(config.database.url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    host = socket.gethostname()
+    orphan = _leased_delivery(db, spool, 1, f"{host}:{_dead_pid()}:dispatcher:0dead0ff")
+    # Alive (this very process), or on another host: their leases are theirs to end.
+    alive = _leased_delivery(db, spool, 2, f"{host}:{os.getpid()}:dispatcher:0a11fe00")
+    remote = _leased_delivery(db, spool, 3, f"elsewhere:{_dead_pid()}:dispatcher:0e15e000")
+    node = Node(config, workers=False)
+    node.start()
+    try:
+
+        def states() -> dict[int, tuple[str, str | None]]:
+            with db.session() as s:
+                rows = s.execute(select(Delivery)).scalars()
+                return {d.id: (d.state, d.lease_owner) for d in rows}
+
+        wait_for(lambda: states()[orphan][0] == "sent", 60)  # not after the hour's lease
+        assert len(pacs.received()) == 1
+        now = states()
+        assert now[alive][0] == "pending" and now[alive][1].endswith("0a11fe00")
+        assert now[remote][0] == "pending" and now[remote][1].startswith("elsewhere:")
+    finally:
+        node.stop()
+        pacs.stop()
+        db.dispose()
