@@ -129,6 +129,54 @@ def send_concurrently(storescu: Storescu, port: int, files: list[Path], senders:
             done.result()
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> its children's pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            parent = int(stat.rpartition(")")[2].split()[1])
+            tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process, all its threads (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_by_role(node: Node) -> dict[str, float]:
+    """CPU seconds so far of the node's processes by role: serve (this process: SCP when it is
+    the only ingest process, scheduler, dispatcher, and the bench's own polling), ingest
+    processes, workers, and the workers' decode processes. The DICOM peers are left out."""
+    tree = _children()
+
+    def descendants(pid: int) -> list[int]:
+        found = []
+        for child in tree.get(pid, []):
+            found += [child, *descendants(child)]
+        return found
+
+    roles = {"serve": _cpu_seconds(os.getpid()), "ingest": 0.0, "worker": 0.0, "decode": 0.0}
+    for _name, device, pid in node.process_ids():
+        if device is None:
+            roles["ingest"] += _cpu_seconds(pid)
+        else:
+            roles["worker"] += _cpu_seconds(pid)
+            roles["decode"] += sum(_cpu_seconds(child) for child in descendants(pid))
+    return roles
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -241,9 +289,11 @@ def main() -> None:
             latencies.append(arrived[study] - stored)
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
+        cpu_before = cpu_by_role(node)
         start = time.time()
         send_concurrently(storescu, config.node.port, burst, args.senders)
         arrived = wait_for_srs(pacs, before + len(burst), 3600)
+        cpu_after = cpu_by_role(node)
         burst_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
         }
@@ -267,10 +317,15 @@ def main() -> None:
     decode_per_study = (time.perf_counter() - t0) / len(sample)
     stack = np.stack([images[i % len(images)] for i in range(len(burst))])  # type: ignore[misc]
     engine.member_logits(stack[: args.studies_in_flight])  # warm-up
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for first in range(0, len(stack), args.studies_in_flight):
         engine.member_logits(stack[first : first + args.studies_in_flight])
     engine_per_study = (time.perf_counter() - t0) / len(stack)
+    engine_cpu_per_study = (time.process_time() - cpu0) / len(stack)
+    cpu_per_study = {
+        role: (cpu_after[role] - cpu_before[role]) / len(burst) for role in cpu_before
+    }
+    node_cpu = sum(cpu_per_study.values()) - engine_cpu_per_study
     shutil.rmtree(root, ignore_errors=True)
 
     overhead = (node_per_study - engine_per_study) / engine_per_study
@@ -314,6 +369,11 @@ def main() -> None:
         "engine_studies_per_s": 1 / engine_per_study,
         "decode_preprocess_s_per_study": decode_per_study,
         "node_overhead": overhead,
+        # CPU seconds a study in the burst, by role (load-independent, unlike the rates):
+        "cpu_s_per_study": cpu_per_study,
+        "engine_cpu_s_per_study": engine_cpu_per_study,
+        # All the node's CPU a study but the engine's: what bounds studies/s on a GPU box.
+        "node_cpu_s_per_study_without_engine": node_cpu,
     }
     print(
         f"bundle {figures['bundle']} ({bundle.manifest.architecture}, {spec.size} px) on "
@@ -338,6 +398,13 @@ def main() -> None:
         f"engine alone {1 / engine_per_study:.3f} studies/s ({engine_per_study:.3f} s a study); "
         f"node overhead {100 * overhead:.1f} % of engine time; decode + preprocess "
         f"{decode_per_study:.3f} s a study (in the decode processes, off the engine's path)"
+    )
+    roles = ", ".join(f"{role} {seconds:.3f}" for role, seconds in cpu_per_study.items())
+    print(
+        f"CPU seconds a study in the burst: {roles} (worker includes the engine: "
+        f"{engine_cpu_per_study:.3f} alone); the node without the engine {node_cpu:.3f} CPU-s "
+        f"a study, so at most {os.cpu_count() / max(node_cpu, 1e-9):.1f} studies/s on "
+        f"{os.cpu_count()} CPUs"
     )
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
