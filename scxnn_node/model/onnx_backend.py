@@ -86,18 +86,39 @@ def cached_onnx(cache_dir: Path, key: str, build: Callable[[], bytes]) -> bytes:
     return data
 
 
+_shared_threads: int | None = None  # the process's ORT thread pool size, once it exists
+
+
+def shared_thread_pool(threads: int) -> int:
+    """The one ORT thread pool of this process, made on first use with `threads` threads; its
+    size (a later different request gets the first size: ORT cannot replace the pool).
+
+    Why one pool: with a pool per session, each of the 13 members' threads spins after its own
+    run (ORT's default, kept: turning spinning off measured 20 % slower at 1024 px) while the
+    other members run and while the worker builds outputs. The shared pool measured a 13-member
+    pass of densenet_small at 64 px 5x faster (8 ms against 44), spun 4-10x less CPU in the
+    200 ms after a pass, and ran densenet121 at 1024 px 1-5 % faster (2026-11-27, 2 cores)."""
+    global _shared_threads
+    if _shared_threads is None:
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+        _shared_threads = threads
+    elif threads != _shared_threads:
+        log.info("ONNX Runtime keeps its %d-thread pool (%d asked)", _shared_threads, threads)
+    return _shared_threads
+
+
 class OnnxMember:
-    """One member's ONNX graph in an ORT session on the CPU: float32 NCHW in, logits out."""
+    """One member's ONNX graph in an ORT session on the CPU: float32 NCHW in, logits out. All
+    members of a process share one thread pool (shared_thread_pool)."""
 
     def __init__(self, model: bytes, threads: int) -> None:
+        shared_thread_pool(threads)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+        options.use_per_session_threads = False
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's threads spin while waiting for work (its default). Turning that off, to leave the
-        # cores to the SCP and decode processes, measured 20 % slower per 1024 px pass here
-        # (1.17 s against 0.98 s, bench/inference.py, 2026-11-27), losing to eager.
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
