@@ -1,4 +1,5 @@
-"""Decoding and preprocessing of spooled instances, in processes of their own ahead of the engine.
+"""Decoding and preprocessing of spooled instances, in processes of their own ahead of the engine;
+the same processes encode each triaged study's DICOM outputs after it.
 
 A J2K decode of a 2-3k px radiograph costs a good part of a CPU second; run in the worker's
 own thread it leaves the device idle. The worker submits each instance of a claimed study here
@@ -9,6 +10,11 @@ even when it is killed with -9, and what comes back over the pipe is plain data.
 process that dies (a decoder crash, the OOM killer) breaks only the decodes it had pending: the
 pool is started again for the next submit. With `processes=0` every decode runs at submit time,
 in the worker's own thread.
+
+A study's SR and summary image cost about 0.1 CPU-s to build and encode, several times a GPU
+engine's share of a study; the worker's conclusion threads hand them to these processes
+(`encode_outputs`), so that several studies' outputs are built at once, outside the worker's
+GIL. An encode that loses its process is done again in the calling thread.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -25,6 +32,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from scxnn_node.dicom.outputs import EncodedOutputs, StudyOutputs
 from scxnn_node.imaging.decode import ImageRejected, read_dataset
 from scxnn_node.imaging.gpu_decode import enable_gpu_decoding
 from scxnn_node.imaging.preprocess import PreprocessSpec
@@ -111,8 +119,8 @@ def _start_decode_process(
 
 class DecodePool:
     """`processes` decode processes (0: decode inline at submit), started at the first submit.
-    Submit from one thread that lives as long as the pool: Linux ties a child's death signal
-    to the thread that started it."""
+    Submit from threads that live as long as the pool (the worker's engine and conclusion
+    threads): Linux ties a child's death signal to the thread that started it."""
 
     def __init__(
         self,
@@ -125,6 +133,7 @@ class DecodePool:
         self._logging = (log_level, json_logs)
         self.gpu_device = gpu_device
         self._executor: ProcessPoolExecutor | None = None
+        self._executor_lock = threading.Lock()  # engine and conclusion threads submit
         if processes == 0 and gpu_device is not None:
             enable_gpu_decoding(gpu_device)  # decodes run in this process
 
@@ -151,6 +160,18 @@ class DecodePool:
             self._discard()
             return self._pool().submit(decode_spooled_instance, *args)
 
+    def encode_outputs(self, outputs: StudyOutputs) -> EncodedOutputs:
+        """`outputs` encoded in a decode process (in this thread with none, or when the process
+        died under it)."""
+        if self.processes == 0:
+            return outputs.encode()
+        try:
+            return self._pool().submit(outputs.encode).result()
+        except BrokenProcessPool:
+            log.error("a decode process died while encoding outputs; encoding them here")
+            self._discard()
+            return outputs.encode()
+
     def start(self) -> None:
         """Start the processes now rather than at the first submit, so the first study does
         not wait for them (a GPU decoder takes seconds to initialise)."""
@@ -158,17 +179,19 @@ class DecodePool:
             self._pool().submit(os.getpid).result()
 
     def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                self.processes,
-                mp_context=mp.get_context("spawn"),
-                initializer=_start_decode_process,
-                initargs=(os.getpid(), *self._logging, self.gpu_device),
-            )
-        return self._executor
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    self.processes,
+                    mp_context=mp.get_context("spawn"),
+                    initializer=_start_decode_process,
+                    initargs=(os.getpid(), *self._logging, self.gpu_device),
+                )
+            return self._executor
 
     def _discard(self, terminate: bool = False) -> None:
-        executor, self._executor = self._executor, None
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
         if executor is None:
             return
         # The stdlib keeps the processes there; a graceful end was seen to hang the worker's

@@ -4,9 +4,10 @@ The worker is a pipeline: it holds up to `worker.studies_in_flight` claimed jobs
 its own lease (one heartbeat thread beats them all); their instances are decoded and
 preprocessed in the decode pool (decode_pool.py) while the engine works on the studies decoded
 before, and the studies ready at the same time go through the engine in one pass. Each job is
-then concluded on its own (outputs built, written and committed) on the conclusion thread while
-the engine goes on with the next studies; at most `studies_in_flight` jobs wait there, so a
-worker holds at most twice that many. A crash at any point leaves, for each held job, either
+then concluded on its own (outputs built, written and committed) on a conclusion thread while
+the engine goes on with the next studies; the outputs are encoded in the decode processes, one
+conclusion thread waiting on each. At most max(`studies_in_flight`, threads) jobs wait to be
+concluded, which bounds what a worker holds. A crash at any point leaves, for each held job, either
 nothing (the job's lease expires and it runs again) or the whole outcome (result, output files,
 deliveries and the job's completion commit together), so a study never gets two SRs for the
 same input.
@@ -18,7 +19,6 @@ is marked unusable and its study is triaged from the others.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
@@ -32,13 +32,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from scxnn_node.config import Hl7Destination, NodeConfig
 from scxnn_node.decode_pool import DecodedInstance, DecodePool, decode_spooled_instance
-from scxnn_node.dicom.sr import build_triage_sr
-from scxnn_node.dicom.summary import build_summary_image
+from scxnn_node.dicom.outputs import StudyOutputs
 from scxnn_node.doorbell import Doorbell
 from scxnn_node.drift import record_drift_samples
 from scxnn_node.hl7.oru import StudyHeaders, build_oru
@@ -162,10 +159,16 @@ class TriageWorker:
         self._leases: dict[int, _Lease] = {}  # job id -> lease, for every job held
         self._leases_lock = threading.Lock()
         self._in_flight: list[_InFlight] = []
-        # One thread: outcomes commit in the order the engine produced them, and the GIL would
-        # give a second thread little (the engine thread waits on the device or ONNX Runtime).
-        self._conclusions = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conclude")
+        # A conclusion thread per decode process: each waits while its study's outputs are
+        # encoded in a decode process (with none, one thread encodes them itself).
+        self._conclusions = ThreadPoolExecutor(
+            max_workers=self._conclusion_threads, thread_name_prefix="conclude"
+        )
         self._concluding: list[Future[None]] = []
+
+    @property
+    def _conclusion_threads(self) -> int:
+        return max(1, self.config.worker.decode_processes)
 
     @property
     def _lease(self) -> _Lease | None:
@@ -229,7 +232,9 @@ class TriageWorker:
     def _conclude_later(self, job: ClaimedJob, triaged: Triaged) -> None:
         """On the conclusion thread; the engine thread waits first when `studies_in_flight`
         conclusions are already waiting (bounded memory: each holds its images)."""
-        while len(self._concluding) >= self.config.worker.studies_in_flight:
+        while len(self._concluding) >= max(
+            self.config.worker.studies_in_flight, self._conclusion_threads
+        ):
             wait(self._concluding, return_when=FIRST_COMPLETED)
             self._concluding = [f for f in self._concluding if not f.done()]
         try:
@@ -478,40 +483,36 @@ class TriageWorker:
         predecessor: SrReference | None,
     ) -> JobOutputs:
         analysed = [p for p in prepared if p.analysed and p.header is not None]
-        summary_series_uid, summary_uid = generate_uid(), generate_uid()
-        sr = build_triage_sr(
-            result,
-            [p.header for p in analysed],  # type: ignore[misc]
-            bundle_name=self.manifest.name,
-            bundle_version=self.manifest.version,
-            finding_codes=self.finding_codes,
-            series_instance_uid=generate_uid(),
-            sop_instance_uid=generate_uid(),
-            predecessor=predecessor,
-        )
-        summary = build_summary_image(
-            result,
-            analysed[0].header,
-            analysed[0].image,  # type: ignore[arg-type]
-            series_instance_uid=summary_series_uid,
-            sop_instance_uid=summary_uid,
+        encoded = self.decode_pool.encode_outputs(
+            StudyOutputs(
+                result,
+                [p.header for p in analysed],  # type: ignore[misc]
+                analysed[0].image,  # type: ignore[arg-type]
+                self.manifest.name,
+                self.manifest.version,
+                self.finding_codes,
+                predecessor,
+            )
         )
         attempt = uuid.uuid4().hex[:16]
         paths: dict[str, str] = {}
         hl7_paths: dict[str, str] = {}
         try:
-            for kind, dataset in ((OutputKind.SR, sr), (OutputKind.SUMMARY, summary)):
+            for kind, data in ((OutputKind.SR, encoded.sr), (OutputKind.SUMMARY, encoded.summary)):
                 paths[kind] = self.spool.outbox_path(job.id, attempt, kind)
-                self.spool.write_durably(paths[kind], _encode(dataset))
+                self.spool.write_durably(paths[kind], data)
             study = StudyHeaders.of(analysed[0].header)  # type: ignore[arg-type]
             self._write_orus(job, attempt, result, study, predecessor is not None, hl7_paths)
         except BaseException:
             self._remove([*paths.values(), *hl7_paths.values()])
             raise
-        reference = SrReference(
-            sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID
+        return JobOutputs(
+            encoded.sr_reference,
+            encoded.summary_series_instance_uid,
+            encoded.summary_sop_instance_uid,
+            paths,
+            hl7_paths,
         )
-        return JobOutputs(reference, summary_series_uid, summary_uid, paths, hl7_paths)
 
     def _write_orus(
         self,
@@ -646,8 +647,3 @@ def _raising(exc: Exception) -> Callable[[], Triaged]:
 
     return step
 
-
-def _encode(dataset: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
