@@ -101,8 +101,9 @@ class NodeSection(_Section):
     network_timeout: float = Field(default=60.0, gt=0)
     check_called_ae: bool = True  # an association must call ae_title (as dcmtk and Orthanc do)
     # Processes receiving C-STOREs: 1 is the serve process itself; more share the port
-    # (SO_REUSEPORT), each with its own database connection, supervised like the workers.
-    ingest_processes: int = Field(default=1, ge=1, le=64)
+    # (SO_REUSEPORT), each with its own database connection, supervised like the workers. Two:
+    # with 4 concurrent senders one process is about at storescp --fork, two above it.
+    ingest_processes: int = Field(default=2, ge=1, le=64)
     tls: TlsSection = Field(default_factory=TlsSection)
 
 

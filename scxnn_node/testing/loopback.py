@@ -20,7 +20,14 @@ def free_port() -> int:
 def node_config(tmp: Path, **sections: Any) -> NodeConfig:
     """A config whose state lives under `tmp`, listening on a free port."""
     raw: dict[str, Any] = {
-        "node": {"ae_title": "SCXNN", "host": "127.0.0.1", "port": free_port()},
+        # One ingest process (the serve process): tests start many nodes, and the SCP in
+        # processes of its own has tests of its own (tests/test_ingest_processes.py).
+        "node": {
+            "ae_title": "SCXNN",
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "ingest_processes": 1,
+        },
         "allowed_callers": [{"ae_title": "PACS"}],
         "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0},
         "database": {"url": f"sqlite:///{tmp / 'node.db'}"},
