@@ -11,11 +11,12 @@ from datetime import timedelta
 
 import numpy as np
 from dicom_factory import make_dataset
+from result_rows import add_done_result
 from sqlalchemy import select
 
 from scxnn_node.node import Node
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery, Job, Result
+from scxnn_node.store.models import Delivery
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config, wait_for
@@ -37,28 +38,7 @@ def _leased_delivery(db: Database, spool: Spool, n: int, owner: str) -> int:
     spool.write_durably(rel, buffer.getvalue())
     now = utc_now()
     with db.session() as s:
-        job = Job(
-            study_instance_uid=f"1.2.{n}",
-            instance_set=str(n).ljust(64, "x"),
-            instance_uids="[]",
-            bundle_version="1.2.3",
-            state="done",
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
-        s.flush()
-        result = Result(
-            job_id=job.id,
-            study_instance_uid=f"1.2.{n}",
-            verdict="abnormal",
-            result_json="{}",
-            sr_sop_instance_uid=f"1.2.{n}.1",
-            summary_sop_instance_uid=f"1.2.{n}.2",
-            created_at=now,
-        )
-        s.add(result)
-        s.flush()
+        result = add_done_result(s, f"1.2.{n}", str(n), now, f"1.2.{n}.1", f"1.2.{n}.2")
         delivery = Delivery(
             result_id=result.id,
             destination="pacs",

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import make_dataset
+from result_rows import add_done_result
 from sqlalchemy import select, update
 
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.dispatcher import Dispatcher
 from scxnn_node.store.db import Database, utc_now
-from scxnn_node.store.models import Delivery, Job, Result
+from scxnn_node.store.models import Delivery
 from scxnn_node.store.results import claim_due_deliveries, retry_deliveries
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.dcmtk import Storescp
@@ -85,28 +86,7 @@ def _seed(db: Database, spool: Spool, destinations: dict[str, int], files: int =
             paths.append(rel)
             for destination, count in destinations.items():
                 for n in range(count):
-                    job = Job(
-                        study_instance_uid="1.2.3",
-                        instance_set=f"{destination}{f}-{n}".ljust(64, "x"),
-                        instance_uids="[]",
-                        bundle_version="1.2.3",
-                        state="done",
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    s.add(job)
-                    s.flush()
-                    result = Result(
-                        job_id=job.id,
-                        study_instance_uid="1.2.3",
-                        verdict="abnormal",
-                        result_json="{}",
-                        sr_sop_instance_uid="1.2",
-                        summary_sop_instance_uid="1.3",
-                        created_at=now,
-                    )
-                    s.add(result)
-                    s.flush()
+                    result = add_done_result(s, "1.2.3", f"{destination}{f}-{n}", now)
                     s.add(
                         Delivery(
                             result_id=result.id,

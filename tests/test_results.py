@@ -11,6 +11,7 @@ from datetime import timedelta
 import pydicom
 import pytest
 from dicom_factory import chest_pixels, make_dataset
+from result_rows import add_done_result
 from sqlalchemy import select, update
 
 from scxnn_node.cleaner import Cleaner
@@ -179,34 +180,13 @@ def test_a_worker_that_lost_its_lease_makes_nothing_visible(node_parts):
 def _seed_deliveries(db: Database, count: int) -> list[int]:
     now = utc_now()
     with db.session() as s:
-        job = Job(
-            study_instance_uid="1.2.3",
-            instance_set="x" * 64,
-            instance_uids="[]",
-            bundle_version="1.2.3",
-            state="done",
-            created_at=now,
-            updated_at=now,
-        )
-        s.add(job)
-        s.flush()
-        result = Result(
-            job_id=job.id,
-            study_instance_uid="1.2.3",
-            verdict="abnormal",
-            result_json="{}",
-            sr_sop_instance_uid="1.2",
-            summary_sop_instance_uid="1.3",
-            created_at=now,
-        )
-        s.add(result)
-        s.flush()
+        result = add_done_result(s, "1.2.3", "x", now)
         rows = [
             Delivery(
                 result_id=result.id,
                 destination=f"pacs{i}",
                 kind="sr",
-                path=f"outbox/{job.id}/sr.dcm",
+                path=f"outbox/{result.job_id}/sr.dcm",
                 state="pending",
                 next_attempt_at=now,
                 updated_at=now,
