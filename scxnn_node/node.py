@@ -32,7 +32,7 @@ from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
 from scxnn_node.doorbell import Doorbell, PipeEvent
 from scxnn_node.http.server import HttpServer
-from scxnn_node.lifetime import die_with_parent
+from scxnn_node.lifetime import die_with_parent, exit_after_parent
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.manifest import read_manifest, verify_bundle
 from scxnn_node.scheduler import NodeScheduler
@@ -50,6 +50,7 @@ STABLE_RUN_S = 60.0  # a worker that ran this long before dying restarts after t
 KILL_WAIT_S = 5.0
 INGEST_START_TIMEOUT_S = 120.0  # start() waits this long for the ingest processes to listen
 PARENT_WATCH_S = 1.0
+PARENT_GONE_GRACE_S = 10.0  # a worker whose node died hands its studies back, or exits anyway
 
 
 def run_worker_process(
@@ -64,6 +65,7 @@ def run_worker_process(
     die_with_parent()
     if os.getppid() != parent_pid:  # the node died before the line above took effect
         return
+    exit_after_parent(parent_pid, PARENT_GONE_GRACE_S)
     stop = threading.Event()
     from scxnn_node.worker import TriageWorker, stop_on_signals
 

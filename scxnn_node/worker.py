@@ -55,8 +55,6 @@ from scxnn_node.triage import PreparedInstance, triage_studies, triage_study
 
 log = logging.getLogger(__name__)
 
-PARENT_GONE_GRACE_S = 10.0  # a worker whose node died hands its study back, or exits anyway
-
 
 class StopRequested(Exception):
     """The worker was asked to stop in the middle of a study: the study is handed back."""
@@ -404,11 +402,8 @@ class TriageWorker:
                 log.warning("worker %s: liveness beat failed: %s", self.owner, exc)
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.error("worker %s: its node (pid %d) is gone; stopping", self.owner, parent_pid)
-                self.stop_requested.set()
+                self.stop_requested.set()  # (its process's watchdog bounds how long it takes)
                 self.jobs_queued.ring()
-                exit_anyway = threading.Timer(PARENT_GONE_GRACE_S, os._exit, args=(1,))
-                exit_anyway.daemon = True
-                exit_anyway.start()
                 return
             if finished.wait(min(every, 1.0)):
                 return
