@@ -46,6 +46,7 @@ from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.node import Node
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
+from scxnn_node.testing.node_process import cpu_seconds, descendants
 from scxnn_node.testing.pynetdicom_peers import Storescu, pick
 from scxnn_node.testing.samples import SAMPLE_DX
 from scxnn_node.triage import prepare_instance
@@ -129,51 +130,17 @@ def send_concurrently(storescu: Storescu, port: int, files: list[Path], senders:
             done.result()
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent pid -> its children's pids, from /proc."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # ended meanwhile
-                continue
-            parent = int(stat.rpartition(")")[2].split()[1])
-            tree.setdefault(parent, []).append(int(entry.name))
-    return tree
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process, all its threads (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 def cpu_by_role(node: Node) -> dict[str, float]:
     """CPU seconds so far of the node's processes by role: serve (this process: SCP when it is
     the only ingest process, scheduler, dispatcher, and the bench's own polling), ingest
     processes, workers, and the workers' decode processes. The DICOM peers are left out."""
-    tree = _children()
-
-    def descendants(pid: int) -> list[int]:
-        found = []
-        for child in tree.get(pid, []):
-            found += [child, *descendants(child)]
-        return found
-
-    roles = {"serve": _cpu_seconds(os.getpid()), "ingest": 0.0, "worker": 0.0, "decode": 0.0}
+    roles = {"serve": cpu_seconds(os.getpid()), "ingest": 0.0, "worker": 0.0, "decode": 0.0}
     for _name, device, pid in node.process_ids():
         if device is None:
-            roles["ingest"] += _cpu_seconds(pid)
+            roles["ingest"] += cpu_seconds(pid)
         else:
-            roles["worker"] += _cpu_seconds(pid)
-            roles["decode"] += sum(_cpu_seconds(child) for child in descendants(pid))
+            roles["worker"] += cpu_seconds(pid)
+            roles["decode"] += sum(cpu_seconds(child) for child in descendants(pid))
     return roles
 
 
