@@ -240,12 +240,15 @@ def main() -> None:
     )
     (root / "node").mkdir(parents=True, exist_ok=True)
     node = Node(config)
+    started = time.monotonic()
     node.start()
     try:
         # One study per worker, all at once: every worker started and warmed up.
         warm = study_files(template, root / "warm", args.workers_per_device)
         send(storescu, config.node.port, *warm)
         wait_for_srs(pacs, len(warm), 600)
+        start_s = time.monotonic() - started
+        print(f"node started, first SR of each worker's first study in {start_s:.1f} s", flush=True)
         latencies = []
         for f in study_files(template, root / "latency", args.latency_studies):
             before = len(sr_studies(pacs))
@@ -254,6 +257,10 @@ def main() -> None:
             arrived = wait_for_srs(pacs, before + 1, 600)
             study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
             latencies.append(arrived[study] - stored)
+        if latencies:  # printed now too: a step killed by its time limit keeps these
+            print(
+                f"latencies (s, last C-STORE -> SR): {[round(x, 2) for x in latencies]}", flush=True
+            )
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
         cpu_before = cpu_by_role(node)
@@ -270,12 +277,14 @@ def main() -> None:
         pacs.stop()
     node_per_study = (times[-1] - times[0]) / max(1, len(times) - 1)
     whole_burst = len(times) / (times[-1] - start)
+    print(f"node steady rate {1 / node_per_study:.2f} studies/s over {len(times)}", flush=True)
 
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.preprocessing
     engine = InferenceEngine(
         bundle, config.model.engine_options(args.device, config.onnx_cache_dir())
     )
+    print(f"bare engine ready in {engine.start_seconds:.1f} s", flush=True)
     # Decoded here on the CPU: a sample of the burst (a 2500 px JPEG 2000 costs about half a CPU
     # second), repeated to the burst's length for the engine.
     sample = burst[: max(4, 2 * args.studies_in_flight)]
@@ -289,9 +298,7 @@ def main() -> None:
         engine.member_logits(stack[first : first + args.studies_in_flight])
     engine_per_study = (time.perf_counter() - t0) / len(stack)
     engine_cpu_per_study = (time.process_time() - cpu0) / len(stack)
-    cpu_per_study = {
-        role: (cpu_after[role] - cpu_before[role]) / len(burst) for role in cpu_before
-    }
+    cpu_per_study = {role: (cpu_after[role] - cpu_before[role]) / len(burst) for role in cpu_before}
     node_cpu = sum(cpu_per_study.values()) - engine_cpu_per_study
     shutil.rmtree(root, ignore_errors=True)
 
@@ -319,6 +326,8 @@ def main() -> None:
         "load_average_1m": os.getloadavg()[0],
         "quiet_seconds": args.quiet_seconds,
         "poll_seconds": args.poll_seconds,
+        "node_start_to_first_srs_s": start_s,
+        "bare_engine_start_s": engine.start_seconds,
         "latency_studies": len(latencies),
         "latency_p50_s": statistics.median(latencies) if latencies else None,
         "latency_p95_s": percentile(latencies, 95) if latencies else None,

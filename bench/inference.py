@@ -115,6 +115,64 @@ def gpu_member_forms(
     return variants
 
 
+def _op_category(name: str, shapes: list) -> str:
+    """A profiled op's row: convolutions by kernel size (weight shape is the second input)."""
+    if "conv" in name and len(shapes) > 1 and len(shapes[1]) == 4:
+        out_channels, _, kh, kw = shapes[1]
+        return f"conv {kh}x{kw}" + (
+            " (1x1 in dense layers)" if kh == 1 and out_channels == 128 else ""
+        )
+    return name
+
+
+def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """Where one member pass spends its time: self time of each op (device time on a GPU), one
+    fused member at the engine's dtype, --member-batch images (1 on a CPU), 3 profiled passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch = args.member_batch if device.type == "cuda" else 1
+    member = FusedMember(MemberNet(args.arch, with_decoder=False).eval()).to(device, dtype)
+    member = member.to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 1, args.size, args.size, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    passes = 3
+    with torch.inference_mode():
+        member(x)  # warm-up: cuDNN picks its algorithms outside the profile
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(passes):
+                member(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    rows: dict[str, dict[str, float]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if device.type == "cuda":
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = event.self_cuda_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us <= 0 or event.key.startswith(("cuda", "Profiler")):
+            continue
+        row = rows.setdefault(_op_category(event.key, event.input_shapes or []), {"ms": 0.0})
+        row["ms"] += us / 1e3 / passes / batch  # per image
+        row["calls"] = row.get("calls", 0) + event.count / passes
+    total = sum(r["ms"] for r in rows.values())
+    for row in rows.values():
+        row["percent"] = 100 * row["ms"] / total
+    ranked = dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"])[:16])
+    clock = "device" if device.type == "cuda" else "CPU"
+    print(f"profile: one member, {batch} images a pass, {clock} ms per image, {total:.3f} in all")
+    for name, row in ranked.items():
+        share = f"{row['ms']:8.3f} ms {row['percent']:5.1f}%"
+        print(f"  {name[:48]:<48} {share}  {row['calls']:.0f} calls")
+    return ranked
+
+
 def sweep_engines(
     args: argparse.Namespace, device: torch.device, flops: int, peak: float | None
 ) -> dict[str, dict[str, object]]:
@@ -128,6 +186,7 @@ def sweep_engines(
     for spec in args.sweep.split(","):
         backend, batch, *rest = spec.split(":")
         streams = int(rest[0]) if rest else 1
+        mode = rest[1] if len(rest) > 1 else args.compile_mode
         start = time.perf_counter()
         try:
             engine = InferenceEngine(
@@ -138,7 +197,7 @@ def sweep_engines(
                     precision=args.precision,
                     backend=backend,
                     member_streams=streams,
-                    compile_mode=args.compile_mode,
+                    compile_mode=mode,
                 ),
             )
             with torch.inference_mode():
@@ -165,6 +224,7 @@ def sweep_engines(
             "backend": backend,
             "batch": int(batch),
             "member_streams": streams,
+            "compile_mode": mode if backend == "compile" else None,
             "precision": engine.precision,
             "ready_seconds": ready,
             "seconds_per_study": summary(times),
@@ -227,9 +287,12 @@ def main() -> None:
     parser.add_argument(
         "--sweep",
         default=None,
-        help="GPU: engines to time one after another, as backend:batch[:streams],...",
+        help="GPU: engines to time one after another, as backend:batch[:streams[:compile_mode]],..",
     )
     parser.add_argument("--compile-mode", default="default")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where one member pass spends its time"
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -253,6 +316,8 @@ def main() -> None:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the engine sets it
+    profiled = profile_member(args, device) if args.profile else None
+    if device.type == "cuda":
         variants = gpu_member_forms(args, device, rate)
         per_backend = sweep_engines(args, device, flops, peak) if args.sweep else {}
         figures = {
@@ -266,6 +331,7 @@ def main() -> None:
             "peak_gflops": peak,
             "member_batch": args.member_batch,
             "single_member_seconds_per_image": variants,
+            "profile_ms_per_image": profiled,
             "sweep": per_backend,
         }
         if args.json_out:
@@ -333,9 +399,7 @@ def main() -> None:
         study_calls[backend] = (lambda e: lambda: e.member_logits(images))(engine)
     study_times = {
         backend: [t / args.studies for t in times]
-        for backend, times in interleaved_timings(
-            study_calls, args.engine_repeats, device
-        ).items()
+        for backend, times in interleaved_timings(study_calls, args.engine_repeats, device).items()
     }
     engine = engines[backends[0]]
     naive_key = "naive: decoder kept, NCHW, fp32"
@@ -370,6 +434,7 @@ def main() -> None:
         "peak_gflops": peak,
         "naive_seconds_per_study": naive_study,
         "single_member_seconds": variants,
+        "profile_ms_per_image": profiled,
         "engine": per_backend,
     }
     if args.json_out:

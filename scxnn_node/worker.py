@@ -113,6 +113,7 @@ class TriageWorker:
         results_committed: Doorbell | None = None,
     ) -> None:
         self.config = config
+        log.info("worker on %s starting: bundle, engine, decode processes", device)
         # Rung by the scheduler when it queues jobs; rung here when a result's deliveries are
         # committed. Without them (tests, a lone worker) the worker polls.
         self.jobs_queued = jobs_queued or Doorbell()

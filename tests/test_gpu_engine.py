@@ -89,6 +89,21 @@ def test_compile_equals_eager(bundle):
     np.testing.assert_allclose(compiled, eager, atol=HALF_TOLERANCE / 4)
 
 
+def test_compiled_members_replay_in_cuda_graphs(bundle):
+    """Mode default: Inductor's kernels captured by our graphs, every shape, new input read."""
+    images = _images(7, bundle.manifest.preprocessing.size, seed=5)  # 4 + 3 (padded to 4)
+    eager = _engine(bundle, batch_size=4).member_logits(images)
+    compiled = _engine(bundle, batch_size=4, backend="compile", member_streams=2)
+    assert compiled.graphed is not None and sorted(compiled.graphed.captured) == [1, 2, 4]
+    np.testing.assert_allclose(compiled.member_logits(images), eager, atol=HALF_TOLERANCE / 4)
+    other = _images(2, bundle.manifest.preprocessing.size, seed=6)
+    np.testing.assert_allclose(
+        compiled.member_logits(other),
+        _engine(bundle, batch_size=4).member_logits(other),
+        atol=HALF_TOLERANCE / 4,
+    )
+
+
 def test_every_backend_gives_the_cpu_verdicts_on_the_sample_radiographs(bundle):
     spec = bundle.manifest.preprocessing
     prepared = [prepare_instance(path, spec) for path in sorted(SAMPLE_DX.parent.glob("*.dcm"))]
@@ -110,6 +125,7 @@ def test_every_backend_gives_the_cpu_verdicts_on_the_sample_radiographs(bundle):
         {"backend": "cuda_graph"},
         {"backend": "eager", "member_streams": 2},
         {"backend": "eager", "precision": "fp32"},
+        {"backend": "compile"},
     ):
         got = verdicts(_engine(bundle, **options))
         assert [v[:2] for v in got] == [v[:2] for v in reference], options

@@ -11,6 +11,7 @@ model/decision.py, with numpy only.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,11 @@ from scxnn_node.model.decision import abnormality_scores, not_analysed_result, r
 from scxnn_node.model.fused import FusedMember
 from scxnn_node.model.manifest import member_file
 from scxnn_node.model.member import MemberNet
-from scxnn_node.model.options import EngineOptions, resolve_backend
+from scxnn_node.model.options import (
+    COMPILE_MODES_WITHOUT_GRAPHS,
+    EngineOptions,
+    resolve_backend,
+)
 from scxnn_node.model.result import StudyResult
 
 if TYPE_CHECKING:
@@ -75,6 +80,7 @@ class InferenceEngine:
     """Runs a bundle's ensemble on preprocessed uint8 images of the bundle's size."""
 
     def __init__(self, bundle: Bundle, options: EngineOptions | None = None) -> None:
+        started = time.monotonic()
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.options = options or EngineOptions()
@@ -113,14 +119,19 @@ class InferenceEngine:
         )
         self.graphed = (
             GraphedEnsemble(self._ensemble_pass, self.batch_size, size, self.device)
-            if self.backend == "cuda_graph"
+            if self._replays_graphs()
             else None
         )
+        built = time.monotonic()
         if self.graphed is not None:
             with torch.inference_mode():
                 self.graphed.capture_all()
+        self.start_seconds = time.monotonic() - started
         log.info(
-            "engine ready: bundle %s %s, %d members, %s, batch %d, precision %s, backend %s",
+            "engine ready in %.1f s (%.1f s capturing graphs): bundle %s %s, %d members, %s, "
+            "batch %d, precision %s, backend %s",
+            self.start_seconds,
+            time.monotonic() - built,
             self.manifest.name,
             self.manifest.version,
             len(self.members),
@@ -128,6 +139,15 @@ class InferenceEngine:
             self.batch_size,
             self.precision,
             self.backend,
+        )
+
+    def _replays_graphs(self) -> bool:
+        """Our CUDA graphs replay the pass: backend cuda_graph, or compiled members on CUDA in a
+        mode without Inductor's own graphs (its kernels captured like eager ones)."""
+        if self.device.type != "cuda":
+            return False
+        return self.backend == "cuda_graph" or (
+            self.backend == "compile" and self.options.compile_mode in COMPILE_MODES_WITHOUT_GRAPHS
         )
 
     def _half_dtype(self) -> torch.dtype | None:
@@ -166,8 +186,11 @@ class InferenceEngine:
         if self.options.channels_last:
             member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
+            # Every member shares one compiled graph (same code, weights as inputs: measured, one
+            # compile for 3 members). dynamic=None: a second batch size makes the batch dimension
+            # symbolic, so the captured shapes 1, 2, 4, ... cost about three compiles, not one each.
             return torch.compile(  # type: ignore[return-value]
-                member, dynamic=False, mode=self.options.compile_mode
+                member, dynamic=None, mode=self.options.compile_mode
             )
         return member
 

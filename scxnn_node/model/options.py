@@ -20,6 +20,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # reach the lent GPU machine: README, "Speed").
 BACKENDS = ("auto", "eager", "compile", "cuda_graph", "onnx")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# On CUDA these compiled passes are captured and replayed by model/cuda_graph.py; the other two
+# modes replay through Inductor's own CUDA graphs.
+COMPILE_MODES_WITHOUT_GRAPHS = ("default", "max-autotune-no-cudagraphs")
 
 
 def check_device(value: str) -> str:
