@@ -69,7 +69,7 @@ else
   training=(--device cuda --arch densenet121 --size 1024 --count 96 --batch 4 --epochs 2
     --workers 8)
   # Seconds per step: inference + e2e + tests fit one 10-minute device command.
-  t_tests=90 t_inference=260 t_e2e=210 t_training=60
+  t_tests=${T_TESTS:-90} t_inference=${T_INFERENCE:-260} t_e2e=${T_E2E:-210} t_training=60
 fi
 $python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and \
 torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
@@ -109,7 +109,8 @@ if [ $cpu = 0 ]; then
 sweep = json.load(open(sys.argv[1]))['sweep']
 # Compiled engines are left out: three workers compiling at once take minutes to start.
 timed = {k: v for k, v in sweep.items() if 'studies_per_s' in v and v['backend'] != 'compile'}
-best = max(timed.values(), key=lambda v: v['studies_per_s'])
+best = max(timed.values(), key=lambda v: v['studies_per_s'],
+           default={'backend': 'cuda_graph', 'batch': 32, 'member_streams': 4})
 print(best['backend'], best['batch'], best['member_streams'])" "$out/inference.json")
   e2e+=(--backend "${backend:-eager}" --batch-size "${batch:-16}" --member-streams "${streams:-1}"
     --studies-in-flight "${batch:-32}")

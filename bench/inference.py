@@ -128,6 +128,7 @@ def _op_category(name: str, shapes: list) -> str:
 def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
     """Where one member pass spends its time: self time of each op (device time on a GPU), one
     fused member at the engine's dtype, --member-batch images (1 on a CPU), 3 profiled passes."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -156,7 +157,8 @@ def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, 
                 us = event.self_cuda_time_total
         else:
             us = event.self_cpu_time_total
-        if us <= 0 or event.key.startswith(("cuda", "Profiler")):
+        # Ops only: a kernel's time is already the self device time of the op that launched it.
+        if us <= 0 or event.device_type != DeviceType.CPU or event.key.startswith("cuda"):
             continue
         row = rows.setdefault(_op_category(event.key, event.input_shapes or []), {"ms": 0.0})
         row["ms"] += us / 1e3 / passes / batch  # per image
