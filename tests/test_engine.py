@@ -223,5 +223,5 @@ def test_auto_backend_is_the_measured_fastest_per_device():
 
     assert resolve_backend("auto", "cpu", "auto") == "onnx"
     assert resolve_backend("auto", "cpu", "bf16") == "eager"  # ONNX Runtime here is fp32 only
-    assert resolve_backend("auto", "cuda:0", "auto") == "cuda_graph"
+    assert resolve_backend("auto", "cuda:0", "auto") == "compile"  # replayed in CUDA graphs
     assert resolve_backend("eager", "cuda:1", "bf16") == "eager"  # an explicit choice stands

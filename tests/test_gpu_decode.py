@@ -9,6 +9,8 @@ a CUDA device is tested where both exist (bench/gpu_session.sh runs this file th
 from __future__ import annotations
 
 import importlib.util
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,37 @@ def test_without_nvimgcodec_or_a_device_decoding_stays_on_the_cpu(tmp_path):
     np.testing.assert_array_equal(load_image(path).pixels, pixels)
 
 
+def test_nvimgcodec_is_held_to_its_gpu_backends_and_one_cpu_thread(monkeypatch):
+    """Left to choose, nvImageCodec decodes JPEG 2000 with its own CPU codec at full CPU cost."""
+    made: list[dict] = []
+
+    class Backend:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+    module = types.ModuleType("nvidia.nvimgcodec")
+    module.Backend = Backend  # type: ignore[attr-defined]
+    module.BackendKind = types.SimpleNamespace(  # type: ignore[attr-defined]
+        CPU_ONLY="cpu", GPU_ONLY="gpu", HYBRID_CPU_GPU="hybrid", HW_GPU_ONLY="hw"
+    )
+    module.Decoder = lambda **kwargs: made.append(kwargs) or object()  # type: ignore[attr-defined]
+    module.CodeStream = bytes  # type: ignore[attr-defined]
+    module.DecodeParams = lambda **kwargs: kwargs  # type: ignore[attr-defined]
+    module.ColorSpec = types.SimpleNamespace(UNCHANGED="unchanged")  # type: ignore[attr-defined]
+    nvidia = types.ModuleType("nvidia")
+    nvidia.nvimgcodec = module  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nvidia", nvidia)
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", module)
+    monkeypatch.setattr(gpu_decode, "_decoder", None)
+    try:
+        assert gpu_decode.enable_gpu_decoding(0)
+    finally:
+        gpu_decode.disable_gpu_decoding()
+    (kwargs,) = made
+    assert kwargs["device_id"] == 0 and kwargs["max_num_cpu_threads"] == 1
+    assert sorted(b.kind for b in kwargs["backends"]) == ["gpu", "hybrid"]
+
+
 @pytest.mark.skipif(not GPU, reason="needs nvImageCodec and a CUDA device (gpu_session.sh)")
 class TestOnTheGpu:
     @pytest.fixture(autouse=True)
@@ -125,9 +158,11 @@ class TestOnTheGpu:
         gpu_decode.disable_gpu_decoding()
 
     @pytest.mark.parametrize("bits", [8, 12, 16])
-    def test_jpeg2000_lossless_gives_the_cpu_pixels(self, tmp_path, bits):
+    def test_jpeg2000_lossless_gives_the_cpu_pixels(self, tmp_path, bits, caplog):
         path, pixels = _j2k_lossless(tmp_path, bits, seed=20 + bits)
-        np.testing.assert_array_equal(load_image(path).pixels, pixels)
+        with caplog.at_level("INFO", logger="scxnn_node.imaging.decode"):
+            np.testing.assert_array_equal(load_image(path).pixels, pixels)
+        assert "GPU decoding refused" not in caplog.text  # the GPU decoded it, not our CPU
 
     def test_real_jpeg_baseline_radiograph_matches_the_cpu(self):
         path = SAMPLES / "siim_cr_negative.dcm"  # real CR, JPEG baseline

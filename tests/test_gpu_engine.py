@@ -75,16 +75,16 @@ def test_cuda_graphs_equal_eager_for_full_and_partial_batches(arch, bundle, dens
 
 def test_member_streams_equal_one_stream(densenet121):
     images = _images(3, 256, seed=3)
-    one = _engine(densenet121, batch_size=2).member_logits(images)
-    spread = _engine(densenet121, batch_size=2, member_streams=3).member_logits(images)
-    np.testing.assert_allclose(spread, one, atol=1e-3)
+    one = _engine(densenet121, batch_size=2, backend="eager").member_logits(images)
+    spread = _engine(densenet121, batch_size=2, member_streams=3, backend="eager")
+    np.testing.assert_allclose(spread.member_logits(images), one, atol=1e-3)
     graphed = _engine(densenet121, batch_size=2, member_streams=3, backend="cuda_graph")
     np.testing.assert_allclose(graphed.member_logits(images), one, atol=HALF_TOLERANCE / 4)
 
 
 def test_compile_equals_eager(bundle):
     images = _images(3, bundle.manifest.preprocessing.size, seed=4)
-    eager = _engine(bundle, batch_size=2).member_logits(images)
+    eager = _engine(bundle, batch_size=2, backend="eager").member_logits(images)
     compiled = _engine(bundle, batch_size=2, backend="compile").member_logits(images)
     np.testing.assert_allclose(compiled, eager, atol=HALF_TOLERANCE / 4)
 
@@ -92,14 +92,14 @@ def test_compile_equals_eager(bundle):
 def test_compiled_members_replay_in_cuda_graphs(bundle):
     """Mode default: Inductor's kernels captured by our graphs, every shape, new input read."""
     images = _images(7, bundle.manifest.preprocessing.size, seed=5)  # 4 + 3 (padded to 4)
-    eager = _engine(bundle, batch_size=4).member_logits(images)
+    eager = _engine(bundle, batch_size=4, backend="eager").member_logits(images)
     compiled = _engine(bundle, batch_size=4, backend="compile", member_streams=2)
     assert compiled.graphed is not None and sorted(compiled.graphed.captured) == [1, 2, 4]
     np.testing.assert_allclose(compiled.member_logits(images), eager, atol=HALF_TOLERANCE / 4)
     other = _images(2, bundle.manifest.preprocessing.size, seed=6)
     np.testing.assert_allclose(
         compiled.member_logits(other),
-        _engine(bundle, batch_size=4).member_logits(other),
+        _engine(bundle, batch_size=4, backend="eager").member_logits(other),
         atol=HALF_TOLERANCE / 4,
     )
 

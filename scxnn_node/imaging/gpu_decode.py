@@ -86,7 +86,19 @@ def enable_gpu_decoding(device_index: int) -> bool:
         from nvidia import nvimgcodec
         from pydicom.pixels import get_decoder
 
-        _decoder = nvimgcodec.Decoder(device_id=device_index)
+        # GPU backends only: left to choose, nvImageCodec may decode JPEG 2000 with its own CPU
+        # codec, silently, at the CPU's cost (a 2500 px 12-bit lossless frame: about a CPU
+        # second; measured on an H200 node, README "On a GPU"). A frame the GPU refuses goes to
+        # our CPU path instead, which says so. One CPU thread: this is one of several decode
+        # processes, and each nvImageCodec decoder would start a thread per core.
+        _decoder = nvimgcodec.Decoder(
+            device_id=device_index,
+            max_num_cpu_threads=1,
+            backends=[
+                nvimgcodec.Backend(nvimgcodec.BackendKind.GPU_ONLY),
+                nvimgcodec.Backend(nvimgcodec.BackendKind.HYBRID_CPU_GPU),
+            ],
+        )
         _code_stream = nvimgcodec.CodeStream
         _params = nvimgcodec.DecodeParams(
             color_spec=nvimgcodec.ColorSpec.UNCHANGED,

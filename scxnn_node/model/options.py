@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# auto = onnx on the CPU at fp32, cuda_graph on CUDA (each measured fastest there: README,
+# auto = onnx on the CPU at fp32, compile on CUDA (each measured fastest there: README,
 # "Speed"), eager otherwise.
-# compile = torch.compile (mode: compile_mode): minutes to start at 1024 px and measured no
-# faster than eager on a 2-core CPU. cuda_graph = the whole ensemble pass captured once per
-# batch shape and replayed (CUDA only; model/cuda_graph.py). onnx = ONNX Runtime, CPU and fp32
-# only (model/onnx_backend.py). Not offered: TorchScript + oneDNN Graph (measured no faster on
-# the CPU); TensorRT (torch-tensorrt needs TensorRT's ~1.5 GB of libraries, which could not
-# reach the lent GPU machine: README, "Speed").
+# compile = torch.compile (mode: compile_mode); on CUDA, in modes without Inductor's own graphs,
+# its kernels are captured and replayed by model/cuda_graph.py. About 80 s to start at 1024 px on
+# an H200 and 2x cuda_graph there (Inductor fuses DenseNet's elementwise ops: BN multiply-add +
+# ReLU, convolution bias + ReLU, measured as 57 % of an eager member's GPU time); measured no
+# faster than eager on a 2-core CPU. cuda_graph = the eager ensemble pass captured once per batch
+# shape and replayed (CUDA only). onnx = ONNX Runtime, CPU and fp32 only
+# (model/onnx_backend.py). Not offered: TorchScript + oneDNN Graph (measured no faster on the
+# CPU); TensorRT (torch-tensorrt needs TensorRT's ~1.5 GB of libraries, which could not reach the
+# lent GPU machine: README, "Speed").
 BACKENDS = ("auto", "eager", "compile", "cuda_graph", "onnx")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # On CUDA these compiled passes are captured and replayed by model/cuda_graph.py; the other two
@@ -55,7 +58,7 @@ def resolve_backend(backend: str, device: str, precision: str) -> str:
         return backend
     if device == "cpu":
         return "onnx" if precision in ("auto", "fp32") else "eager"
-    return "cuda_graph"
+    return "compile"
 
 
 @dataclass(frozen=True)
