@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 from conftest import DATA
 from dicom_factory import chest_pixels, make_dataset
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scxnn_node.imaging.decode import decode_pixels, load_image
 from scxnn_node.imaging.preprocess import (
     PreprocessSpec,
+    linear_percentiles,
     preprocess_image,
     preprocess_mask,
     window_to_uint8,
@@ -115,3 +118,77 @@ def test_spec_round_trip_and_cache_key():
         PreprocessSpec.from_dict({**spec.to_dict(), "gamma": 1})
     with pytest.raises(AttributeError):
         spec.size = 5  # frozen
+
+
+def _window_in_float64(values: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """The definition: np.percentile, clip, min-max to 0..255 in float64, round."""
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = np.percentile(values, [lower, upper])
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((np.clip(values, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+
+
+_integer_images = st.tuples(
+    st.sampled_from([np.uint8, np.uint16, np.int16, np.float32, np.float64]),
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(-40000, 40000),  # lowest value (clipped to the dtype)
+    st.integers(0, 65535),  # spread
+    st.integers(0, 2**32 - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    image=_integer_images,
+    lower=st.floats(0, 50, allow_nan=False),
+    width=st.floats(0.001, 50, allow_nan=False),
+    sparse=st.booleans(),
+)
+def test_windowing_integers_by_histogram_equals_the_float64_definition(
+    image, lower, width, sparse
+):
+    """Bit for bit, for every dtype a decoder gives, narrow and wide, sparse and dense values."""
+    dtype, rows, columns, lowest, spread, seed = image
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        lowest = int(np.clip(lowest, info.min, info.max))
+        spread = min(spread, info.max - lowest)
+    values = lowest + rng.integers(0, spread + 1, (rows, columns))
+    if sparse:  # a few distinct values far apart: histogram gaps, ties at the percentiles
+        values = lowest + rng.choice([0, spread // 3, spread], (rows, columns))
+    pixels = values.astype(dtype)
+    spec = PreprocessSpec(size=64, lower_percentile=lower, upper_percentile=lower + width)
+    expected = _window_in_float64(pixels, spec.lower_percentile, spec.upper_percentile)
+    np.testing.assert_array_equal(window_to_uint8(pixels, spec), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 50), min_size=1, max_size=60).filter(lambda c: sum(c) > 0),
+    percentiles=st.lists(st.floats(0, 100, allow_nan=False), min_size=1, max_size=4),
+)
+def test_percentiles_from_a_histogram_are_numpys(counts, percentiles):
+    values = np.repeat(np.arange(len(counts), dtype=np.float64), counts)
+    got = linear_percentiles(np.asarray(counts), tuple(percentiles))
+    assert got == list(np.percentile(values, percentiles))
+
+
+def test_fractional_and_wide_images_take_the_float64_way():
+    rng = np.random.default_rng(3)
+    fractional = rng.normal(0, 1, (50, 50)).astype(np.float32)  # rescaled, not integers
+    wide = rng.integers(0, 2**20, (50, 50)).astype(np.int32)  # spans more than 2**16 values
+    for pixels in (fractional, wide):
+        np.testing.assert_array_equal(
+            window_to_uint8(pixels, SPEC), _window_in_float64(pixels, 0.5, 99.5)
+        )
+
+
+def test_windowing_real_radiographs_equals_the_float64_definition():
+    for name in ("nih_dx_no_finding.dcm", "siim_cr_negative.dcm"):
+        pixels = load_image(DATA / name).pixels
+        np.testing.assert_array_equal(
+            window_to_uint8(pixels, SPEC), _window_in_float64(pixels, 0.5, 99.5)
+        )
