@@ -40,6 +40,7 @@ import pydicom
 # training package; the repository root goes first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scxnn_node.config import NodeSection
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.bundle import load_bundle
 from scxnn_node.model.engine import InferenceEngine
@@ -185,7 +186,12 @@ def main() -> None:
         "(decode collection, SR, commits) runs side by side while the device computes",
     )
     parser.add_argument("--gpu-decode", choices=("auto", "off"), default="auto")
-    parser.add_argument("--ingest-processes", type=int, default=1, help="node.ingest_processes")
+    parser.add_argument(
+        "--ingest-processes",
+        type=int,
+        default=NodeSection.model_fields["ingest_processes"].default,
+        help="node.ingest_processes (default: the node's)",
+    )
     parser.add_argument(
         "--senders", type=int, default=1, help="concurrent storescu senders for the burst"
     )

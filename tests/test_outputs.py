@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pydicom
 import pytest
@@ -111,3 +112,25 @@ def test_a_decode_process_killed_before_an_encode_leaves_it_to_this_thread(caplo
         _check_same(encoded, DecodePool(0).encode_outputs(outputs))
         # The pool starts again for the next submit.
         assert pool.encode_outputs(outputs).sr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_a_decode_process_killed_under_concurrent_encodes_loses_none(delay, caplog):
+    """Four conclusion threads encode through two processes; one process is killed at `delay`
+    into the work, in the middle of whatever it holds. Every encode still returns outputs equal
+    to the inline ones, and the pool serves again afterwards."""
+    outputs = _outputs(amends=True)
+    reference = DecodePool(0).encode_outputs(outputs)
+    with DecodePool(2) as pool:
+        pool.start()
+        victim = next(iter(pool._executor._processes.values()))  # type: ignore[union-attr]
+        with ThreadPoolExecutor(4) as threads:
+            futures = [threads.submit(pool.encode_outputs, outputs) for _ in range(12)]
+            time.sleep(delay)
+            os.kill(victim.pid, signal.SIGKILL)
+            encoded = [future.result(timeout=120) for future in futures]
+        assert "died while encoding outputs" in caplog.text  # some were under the kill
+        for each in encoded:
+            _check_same(each, reference)
+        assert len({each.sr_reference.sop_instance_uid for each in encoded}) == 12
+        _check_same(pool.encode_outputs(outputs), reference)
