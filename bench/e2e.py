@@ -288,7 +288,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.preprocessing
     engine = InferenceEngine(
-        bundle, config.model.engine_options(args.device, config.onnx_cache_dir())
+        bundle, config.engine_options(args.device)
     )
     print(f"bare engine ready in {engine.start_seconds:.1f} s", flush=True)
     # Decoded here on the CPU: a sample of the burst (a 2500 px JPEG 2000 costs about half a CPU

@@ -211,9 +211,7 @@ def _infer(args: argparse.Namespace) -> int:
         studies[prepared.study_instance_uid].append(prepared)
     results: list[StudyResult] = []
     if studies:
-        options = config.model.engine_options(
-            args.device or config.model.devices[0], config.onnx_cache_dir()
-        )
+        options = config.engine_options(args.device or config.model.devices[0])
         engine = InferenceEngine(
             bundle,
             replace(

@@ -140,6 +140,7 @@ class ModelSection(_Section):
     backend: Annotated[str, AfterValidator(check_backend)] = "auto"
     onnx_cache_dir: Path | None = None  # None: onnx-cache/ beside the spool directory
     compile_mode: Annotated[str, AfterValidator(check_compile_mode)] = "default"
+    compile_cache_dir: Path | None = None  # None: compile-cache/ beside the spool directory
     member_streams: int = Field(default=1, ge=1, le=13)
 
     @model_validator(mode="after")
@@ -148,7 +149,12 @@ class ModelSection(_Section):
             self.engine_options(device, None)
         return self
 
-    def engine_options(self, device: str, onnx_cache_dir: Path | None) -> EngineOptions:
+    def engine_options(
+        self,
+        device: str,
+        onnx_cache_dir: Path | None,
+        compile_cache_dir: Path | None = None,
+    ) -> EngineOptions:
         """How a worker on `device` runs its engine."""
         return EngineOptions(
             device=device,
@@ -157,6 +163,7 @@ class ModelSection(_Section):
             backend=self.backend,
             onnx_cache_dir=onnx_cache_dir,
             compile_mode=self.compile_mode,
+            compile_cache_dir=compile_cache_dir,
             member_streams=self.member_streams,
         )
 
@@ -381,6 +388,16 @@ class NodeConfig(_Section):
     def onnx_cache_dir(self) -> Path:
         """Where the onnx backend caches exported members (model/onnx_backend.py)."""
         return self.model.onnx_cache_dir or self.storage.spool_dir.parent / "onnx-cache"
+
+    def compile_cache_dir(self) -> Path:
+        """Where torch.compile keeps its compiled graphs and kernels between starts."""
+        return self.model.compile_cache_dir or self.storage.spool_dir.parent / "compile-cache"
+
+    def engine_options(self, device: str) -> EngineOptions:
+        """How a worker of this node on `device` runs its engine, caches included."""
+        return self.model.engine_options(
+            device, self.onnx_cache_dir(), self.compile_cache_dir()
+        )
 
     def selection_policy(self, body_parts: list[str] | None = None) -> SelectionPolicy:
         """The image selection policy of the filters section (body parts overridable)."""

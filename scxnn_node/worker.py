@@ -124,7 +124,7 @@ class TriageWorker:
         self.bundle = bundle or load_bundle(config.model.bundle)
         self.manifest = self.bundle.manifest
         self.engine = InferenceEngine(
-            self.bundle, config.model.engine_options(device, config.onnx_cache_dir())
+            self.bundle, config.engine_options(device)
         )
         self.owner = workers.worker_owner(os.getpid(), device)
         self.identity = workers.WorkerIdentity(

@@ -11,6 +11,7 @@ model/decision.py, with numpy only.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -186,6 +187,11 @@ class InferenceEngine:
         if self.options.channels_last:
             member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
+            if self.options.compile_cache_dir is not None:
+                # Read by Inductor at each cache lookup; process-wide, and a worker process
+                # holds one engine.
+                self.options.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.options.compile_cache_dir)
             # Every member shares one compiled graph (same code, weights as inputs: measured, one
             # compile for 3 members). dynamic=None: a second batch size makes the batch dimension
             # symbolic, so the captured shapes 1, 2, 4, ... cost about three compiles, not one each.

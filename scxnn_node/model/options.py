@@ -72,6 +72,9 @@ class EngineOptions:
     # Where the onnx backend keeps exported members; None: export at every engine start.
     onnx_cache_dir: Path | None = None
     compile_mode: str = "default"  # torch.compile's mode, for backend "compile"
+    # Where backend compile keeps compiled graphs and kernels (Inductor's caches), so that a
+    # restarted worker loads them instead of compiling for minutes; None: Inductor's default.
+    compile_cache_dir: Path | None = None
     # CUDA streams the members are spread over (1: one after another on the current stream).
     member_streams: int = 1
 

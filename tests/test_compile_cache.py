@@ -1,0 +1,64 @@
+"""A compiled engine keeps its compiled graph where the node says (beside the spool by
+default), and a restarted worker loads it from there instead of compiling again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scxnn_node.config import NodeConfig
+
+_START_ENGINE = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from torch._dynamo.utils import counters
+from scxnn_node.model.bundle import load_bundle
+from scxnn_node.model.engine import InferenceEngine
+from scxnn_node.model.options import EngineOptions
+
+bundle = load_bundle(Path(sys.argv[1]))
+engine = InferenceEngine(bundle, EngineOptions(
+    batch_size=2, backend="compile", compile_cache_dir=Path(sys.argv[2])))
+images = np.random.default_rng(0).integers(0, 256, (2, 64, 64), dtype=np.uint8)
+logits = engine.member_logits(images)
+print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "logits": logits.ravel().tolist()}))
+"""
+
+
+def _start_worker_engine(bundle_dir: Path, cache_dir: Path) -> dict:
+    """A fresh process, as a worker is: nothing compiled in memory."""
+    done = subprocess.run(
+        [sys.executable, "-c", _START_ENGINE, str(bundle_dir), str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(small_bundle_dir, tmp_path):
+    cache = tmp_path / "compile-cache"
+    first = _start_worker_engine(small_bundle_dir, cache)
+    assert first["misses"] >= 1 and first["hits"] == 0  # compiled, and kept
+    assert any(cache.rglob("*")), "nothing written to the compile cache"
+    second = _start_worker_engine(small_bundle_dir, cache)
+    assert second["hits"] >= 1 and second["misses"] == 0  # loaded, not compiled
+    assert second["logits"] == first["logits"]
+
+
+def test_the_compile_cache_lives_beside_the_spool_unless_configured(tmp_path):
+    spool = tmp_path / "var" / "spool"
+    config = NodeConfig.model_validate({"storage": {"spool_dir": str(spool)}})
+    assert config.engine_options("cpu").compile_cache_dir == tmp_path / "var" / "compile-cache"
+    chosen = NodeConfig.model_validate(
+        {"storage": {"spool_dir": str(spool)}, "model": {"compile_cache_dir": "/srv/cc"}}
+    )
+    assert chosen.engine_options("cpu").compile_cache_dir == Path("/srv/cc")
