@@ -31,17 +31,25 @@ print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"],
 """
 
 
-def _start_worker_engine(bundle_dir: Path, cache_dir: Path) -> dict:
+def _worker_engine(bundle_dir: Path, cache_dir: Path) -> subprocess.Popen:
     """A fresh process, as a worker is: nothing compiled in memory."""
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", _START_ENGINE, str(bundle_dir), str(cache_dir)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
         env={k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")},
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _counts(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _start_worker_engine(bundle_dir: Path, cache_dir: Path) -> dict:
+    return _counts(_worker_engine(bundle_dir, cache_dir))
 
 
 def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(small_bundle_dir, tmp_path):
@@ -52,6 +60,17 @@ def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(small_bundle
     second = _start_worker_engine(small_bundle_dir, cache)
     assert second["hits"] >= 1 and second["misses"] == 0  # loaded, not compiled
     assert second["logits"] == first["logits"]
+
+
+def test_workers_starting_together_compile_once(small_bundle_dir, tmp_path):
+    """Three workers of one node start at once: one compiles, the others wait and load."""
+    cache = tmp_path / "compile-cache"
+    workers = [_worker_engine(small_bundle_dir, cache) for _ in range(3)]
+    counts = [_counts(worker) for worker in workers]
+    compiled = [c for c in counts if c["misses"]]
+    assert len(compiled) == 1, counts
+    assert all(c["hits"] >= 1 for c in counts if c is not compiled[0]), counts
+    assert all(c["logits"] == compiled[0]["logits"] for c in counts)
 
 
 def test_the_compile_cache_lives_beside_the_spool_unless_configured(tmp_path):

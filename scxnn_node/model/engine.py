@@ -10,10 +10,12 @@ model/decision.py, with numpy only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,12 +126,12 @@ class InferenceEngine:
             else None
         )
         built = time.monotonic()
-        if self.graphed is not None:
-            with torch.inference_mode():
-                self.graphed.capture_all()
+        with self._one_compile_at_a_time():
+            self._warm_up()
         self.start_seconds = time.monotonic() - started
         log.info(
-            "engine ready in %.1f s (%.1f s capturing graphs): bundle %s %s, %d members, %s, "
+            "engine ready in %.1f s (%.1f s compiling or capturing graphs): bundle %s %s, "
+            "%d members, %s, "
             "batch %d, precision %s, backend %s",
             self.start_seconds,
             time.monotonic() - built,
@@ -141,6 +143,28 @@ class InferenceEngine:
             self.precision,
             self.backend,
         )
+
+    def _warm_up(self) -> None:
+        """Capture the graphs, or compile, now: no study waits for either."""
+        with torch.inference_mode():
+            if self.graphed is not None:
+                self.graphed.capture_all()
+            elif self.backend == "compile":
+                size = self.manifest.preprocessing.size
+                self._batch_logits(np.zeros((self.batch_size, size, size), dtype=np.uint8))
+
+    @contextlib.contextmanager
+    def _one_compile_at_a_time(self) -> Iterator[None]:
+        """Workers sharing a compile cache (one node's) start one after another: the first
+        compiles, the others then load its graphs from the cache instead of all compiling at
+        once on the same cores."""
+        cache = self.options.compile_cache_dir
+        if self.backend != "compile" or cache is None:
+            yield
+            return
+        with open(cache / ".compile.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
     def _replays_graphs(self) -> bool:
         """Our CUDA graphs replay the pass: backend cuda_graph, or compiled members on CUDA in a
