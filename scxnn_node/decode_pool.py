@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ def decode_spooled_instance(
         )
 
 
+def _process_id_after(seconds: float) -> int:
+    """This process's id, after a wait that keeps it from answering for the others."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def _start_decode_process(
     worker_pid: int, log_level: str, json_logs: bool, gpu_device: int | None
 ) -> None:
@@ -172,11 +179,25 @@ class DecodePool:
             self._discard()
             return outputs.encode()
 
-    def start(self) -> None:
-        """Start the processes now rather than at the first submit, so the first study does
-        not wait for them (a GPU decoder takes seconds to initialise)."""
-        if self.processes > 0:
-            self._pool().submit(os.getpid).result()
+    def start(self, timeout: float = 300.0) -> None:
+        """Start every process now rather than at the first submits, so that no study waits
+        for one (a GPU decoder takes seconds to initialise). The stdlib spawns a process for
+        each submit that finds none idle, so one round of submits starts them all; rounds of
+        short waits go on until each process has answered, that is, finished its start."""
+        if self.processes == 0:
+            return
+        answered: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(answered) < self.processes and time.monotonic() < deadline:
+            pool = self._pool()
+            rounds = [pool.submit(_process_id_after, 0.2) for _ in range(self.processes)]
+            try:
+                answered |= {future.result() for future in rounds}
+            except BrokenProcessPool:  # one died starting: the pool starts again on demand
+                self._discard()
+                break
+        if len(answered) < self.processes:
+            log.warning("%d of %d decode processes started", len(answered), self.processes)
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._executor_lock:

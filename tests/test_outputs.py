@@ -134,3 +134,12 @@ def test_a_decode_process_killed_under_concurrent_encodes_loses_none(delay, capl
             _check_same(each, reference)
         assert len({each.sr_reference.sop_instance_uid for each in encoded}) == 12
         _check_same(pool.encode_outputs(outputs), reference)
+
+
+def test_start_brings_up_every_decode_process_before_the_first_study():
+    """Not one process and the rest on demand in the middle of the first burst: each of a GPU
+    worker's decode processes takes seconds to start its decoder."""
+    with DecodePool(3) as pool:
+        pool.start()
+        processes = list(pool._executor._processes.values())  # type: ignore[union-attr]
+        assert len(processes) == 3 and all(p.is_alive() for p in processes)
