@@ -225,3 +225,30 @@ def test_auto_backend_is_the_measured_fastest_per_device():
     assert resolve_backend("auto", "cpu", "bf16") == "eager"  # ONNX Runtime here is fp32 only
     assert resolve_backend("auto", "cuda:0", "auto") == "compile"  # replayed in CUDA graphs
     assert resolve_backend("eager", "cuda:1", "bf16") == "eager"  # an explicit choice stands
+
+
+class _CompilerMissing(torch.nn.Module):
+    """What torch.compile gives where Inductor cannot build its kernels: fails when called."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("InductorError: no working C compiler found")
+
+
+def test_auto_falls_back_when_compile_fails_but_a_named_compile_fails(bundle, monkeypatch, caplog):
+    import scxnn_node.model.engine as engine_module
+
+    monkeypatch.setattr(  # auto resolved as on CUDA
+        engine_module,
+        "resolve_backend",
+        lambda backend, *_: "compile" if backend == "auto" else backend,
+    )
+    monkeypatch.setattr(torch, "compile", lambda module, **_: _CompilerMissing())
+    images = _images(3, seed=7)
+    engine = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="auto"))
+    assert engine.backend == "eager" and "torch.compile failed" in caplog.text
+    expected = InferenceEngine(bundle, EngineOptions(batch_size=2, backend="eager"))
+    np.testing.assert_allclose(
+        engine.member_logits(images), expected.member_logits(images), atol=1e-5
+    )
+    with pytest.raises(RuntimeError, match="C compiler"):
+        InferenceEngine(bundle, EngineOptions(batch_size=2, backend="compile"))

@@ -114,20 +114,26 @@ class InferenceEngine:
         self.batch_size = self.options.batch_size or default_batch_size(
             self.device, self.manifest.architecture, size
         )
-        self.members = [self._build_member(name) for name in self.manifest.findings.names]
         self.streams = (
             [torch.cuda.Stream(self.device) for _ in range(self.options.member_streams)]
             if self.options.member_streams > 1
             else []
         )
-        self.graphed = (
-            GraphedEnsemble(self._ensemble_pass, self.batch_size, size, self.device)
-            if self._replays_graphs()
-            else None
-        )
         built = time.monotonic()
-        with self._one_compile_at_a_time():
-            self._warm_up()
+        try:
+            self._build_and_warm_up()
+        except Exception as exc:
+            if not (self.backend == "compile" and self.options.backend == "auto"):
+                raise  # a backend asked for by name stands or fails
+            # auto's choice on CUDA; Inductor needs Triton and a C compiler on the machine.
+            self.backend = "cuda_graph" if self.device.type == "cuda" else "eager"
+            log.warning(
+                "torch.compile failed at engine start (%s: %s); serving with backend %s",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                self.backend,
+            )
+            self._build_and_warm_up()
         self.start_seconds = time.monotonic() - started
         log.info(
             "engine ready in %.1f s (%.1f s compiling or capturing graphs): bundle %s %s, "
@@ -143,6 +149,18 @@ class InferenceEngine:
             self.precision,
             self.backend,
         )
+
+    def _build_and_warm_up(self) -> None:
+        self.members = [self._build_member(name) for name in self.manifest.findings.names]
+        self.graphed = (
+            GraphedEnsemble(
+                self._ensemble_pass, self.batch_size, self.manifest.preprocessing.size, self.device
+            )
+            if self._replays_graphs()
+            else None
+        )
+        with self._one_compile_at_a_time():
+            self._warm_up()
 
     def _warm_up(self) -> None:
         """Capture the graphs, or compile, now: no study waits for either."""
