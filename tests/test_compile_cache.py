@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from scxnn_node.config import NodeConfig
@@ -57,6 +60,7 @@ def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(small_bundle
     first = _start_worker_engine(small_bundle_dir, cache)
     assert first["misses"] >= 1 and first["hits"] == 0  # compiled, and kept
     assert any(cache.rglob("*")), "nothing written to the compile cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # Inductor's pickles: ours alone
     second = _start_worker_engine(small_bundle_dir, cache)
     assert second["hits"] >= 1 and second["misses"] == 0  # loaded, not compiled
     assert second["logits"] == first["logits"]
@@ -81,3 +85,27 @@ def test_the_compile_cache_lives_beside_the_spool_unless_configured(tmp_path):
         {"storage": {"spool_dir": str(spool)}, "model": {"compile_cache_dir": "/srv/cc"}}
     )
     assert chosen.engine_options("cpu").compile_cache_dir == Path("/srv/cc")
+
+
+def test_a_worker_killed_while_compiling_does_not_hold_the_others(small_bundle_dir, tmp_path):
+    """The lock is the kernel's (flock): it goes with its holder, whatever kills it."""
+    cache = tmp_path / "compile-cache"
+    cache.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)",
+            str(cache / ".compile.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    waiting = _worker_engine(small_bundle_dir, cache)
+    time.sleep(3)
+    assert waiting.poll() is None  # it waits for the holder
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(10)
+    assert _counts(waiting)["misses"] >= 1  # then compiles, and starts

@@ -231,8 +231,9 @@ class InferenceEngine:
         if self.backend == "compile":
             if self.options.compile_cache_dir is not None:
                 # Read by Inductor at each cache lookup; process-wide, and a worker process
-                # holds one engine.
-                self.options.compile_cache_dir.mkdir(parents=True, exist_ok=True)
+                # holds one engine. Inductor's entries are pickles that only this node writes
+                # and reads: its own directory, no one else's (not the shared /tmp default).
+                self.options.compile_cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.options.compile_cache_dir)
             # Every member shares one compiled graph (same code, weights as inputs: measured, one
             # compile for 3 members). dynamic=None: a second batch size makes the batch dimension
