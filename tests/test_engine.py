@@ -252,3 +252,25 @@ def test_auto_falls_back_when_compile_fails_but_a_named_compile_fails(bundle, mo
     )
     with pytest.raises(RuntimeError, match="C compiler"):
         InferenceEngine(bundle, EngineOptions(batch_size=2, backend="compile"))
+
+
+def test_members_are_built_on_one_thread_and_the_count_comes_back(bundle, monkeypatch):
+    """Thousands of tiny operations: a thread pool costs more than it gives (README, "Speed")."""
+    import scxnn_node.model.engine as engine_module
+    from scxnn_node.model.fused import FusedMember
+
+    seen: list[int] = []
+
+    def counting(member):
+        seen.append(torch.get_num_threads())
+        return FusedMember(member)
+
+    monkeypatch.setattr(engine_module, "FusedMember", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        InferenceEngine(bundle, EngineOptions(batch_size=2, backend="eager"))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

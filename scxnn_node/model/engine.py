@@ -79,6 +79,22 @@ def default_batch_size(device: torch.device, arch: str, size: int) -> int:
 _PRECISION_NAME = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch on one CPU thread for a while, its thread count restored after.
+
+    Building members is thousands of tiny tensor operations (BN folding, copies, layout), for
+    which waking a pool of threads costs more than the work: densenet121, 13 members, on the
+    2-core CPU, 11.4 s with 2 threads and 4.3 s with one; three engines built at once (a node's
+    workers starting) 20 s each against 8.6 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class InferenceEngine:
     """Runs a bundle's ensemble on preprocessed uint8 images of the bundle's size."""
 
@@ -205,11 +221,12 @@ class InferenceEngine:
     def _plain_member(self, name: str) -> MemberNet:
         # Built without storage and given the bundle's tensors: no random initialisation to
         # throw away and no copies (measured: about 1 s a densenet121 member at start).
-        with torch.device("meta"):
+        with torch.device("meta"), _one_torch_thread():
             member = MemberNet(self.manifest.architecture, with_decoder=False)
-        missing, unexpected = member.load_state_dict(
-            self.bundle.member_weights[name], strict=False, assign=True
-        )
+        with _one_torch_thread():
+            missing, unexpected = member.load_state_dict(
+                self.bundle.member_weights[name], strict=False, assign=True
+            )
         if missing or unexpected:
             raise ValueError(
                 f"member {name!r} weights do not fit architecture {self.manifest.architecture!r}: "
@@ -221,13 +238,14 @@ class InferenceEngine:
         if self.backend == "onnx":
             return self._onnx_member(name)
         member: torch.nn.Module = self._plain_member(name)
-        if self.options.fused:
-            member = FusedMember(member)  # folds BN in fp32, before any cast
-        # Weights cast once, activations kept in that dtype: autocast would re-cast weights
-        # every pass and run the fused BN's multiply-add in fp32 over the whole dense buffer.
-        member.to(self.device, dtype=self.half_dtype or torch.float32)
-        if self.options.channels_last:
-            member = member.to(memory_format=torch.channels_last)
+        with _one_torch_thread():
+            if self.options.fused:
+                member = FusedMember(member)  # folds BN in fp32, before any cast
+            # Weights cast once, activations kept in that dtype: autocast would re-cast weights
+            # every pass and run the fused BN's multiply-add in fp32 over the whole dense buffer.
+            member.to(self.device, dtype=self.half_dtype or torch.float32)
+            if self.options.channels_last:
+                member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
             if self.options.compile_cache_dir is not None:
                 # Read by Inductor at each cache lookup; process-wide, and a worker process
