@@ -85,8 +85,8 @@ def _one_torch_thread() -> Iterator[None]:
 
     Building members is thousands of tiny tensor operations (BN folding, copies, layout), for
     which waking a pool of threads costs more than the work: densenet121, 13 members, on the
-    2-core CPU, 11.4 s with 2 threads and 4.3 s with one; three engines built at once (a node's
-    workers starting) 20 s each against 8.6 s."""
+    2-core CPU, 11.4 s with 2 threads and 3.9 s this way; three engines built at once (a node's
+    workers starting) 20 s each before, 11-13 s this way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
