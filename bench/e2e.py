@@ -42,8 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.config import NodeSection
 from scxnn_node.logs import configure_logging
-from scxnn_node.model.bundle import load_bundle
-from scxnn_node.model.engine import InferenceEngine
 from scxnn_node.node import Node
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
@@ -51,7 +49,6 @@ from scxnn_node.testing.node_process import cpu_seconds, descendants
 from scxnn_node.testing.pynetdicom_peers import Storescu, pick
 from scxnn_node.testing.samples import SAMPLE_DX
 from scxnn_node.triage import prepare_instance
-from training.untrained import untrained_bundle
 
 _seen: dict[Path, tuple[str, float] | None] = {}  # None: a received file that is not an SR
 
@@ -150,6 +147,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    # Imported here, not at the top: the node's ingest and decode processes start by importing
+    # this module (multiprocessing's spawn re-imports __main__), and torch, torchvision and
+    # scipy cost each of them seconds and most of a gigabyte, which the node's own processes
+    # (started from scxnn_node.cli) do not pay.
+    from scxnn_node.model.bundle import load_bundle
+    from scxnn_node.model.engine import InferenceEngine
+    from training.untrained import untrained_bundle
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
