@@ -20,14 +20,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e2e import source_template, study_files  # bench/e2e.py: the same generated instances
 
 from scxnn_node.imaging.decode import load_image
-from scxnn_node.imaging.preprocess import PreprocessSpec, preprocess_image, window_to_uint8
+from scxnn_node.imaging.preprocess import (
+    PreprocessSpec,
+    preprocess_image,
+    window_in_float64,
+    window_to_uint8,
+)
 from scxnn_node.triage import prepare_instance
 
 
@@ -39,12 +42,6 @@ def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.process_time() - start)
     return min(times)
-
-
-def window_in_float64(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    values = pixels.astype(np.float64)
-    lo, hi = np.percentile(values, [spec.lower_percentile, spec.upper_percentile])
-    return np.rint((np.clip(values, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
 
 
 def main() -> None:

@@ -167,6 +167,12 @@ class InferenceEngine:
         )
 
     def _build_and_warm_up(self) -> None:
+        if self.backend == "compile" and self.options.compile_cache_dir is not None:
+            # Read by Inductor at each cache lookup; process-wide, and a worker process holds
+            # one engine. Inductor's entries are pickles that only this node writes and reads:
+            # its own directory, no one else's (not the shared /tmp default).
+            self.options.compile_cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.options.compile_cache_dir)
         self.members = [self._build_member(name) for name in self.manifest.findings.names]
         self.graphed = (
             GraphedEnsemble(
@@ -221,9 +227,9 @@ class InferenceEngine:
     def _plain_member(self, name: str) -> MemberNet:
         # Built without storage and given the bundle's tensors: no random initialisation to
         # throw away and no copies (measured: about 1 s a densenet121 member at start).
-        with torch.device("meta"), _one_torch_thread():
-            member = MemberNet(self.manifest.architecture, with_decoder=False)
         with _one_torch_thread():
+            with torch.device("meta"):
+                member = MemberNet(self.manifest.architecture, with_decoder=False)
             missing, unexpected = member.load_state_dict(
                 self.bundle.member_weights[name], strict=False, assign=True
             )
@@ -247,12 +253,6 @@ class InferenceEngine:
             if self.options.channels_last:
                 member = member.to(memory_format=torch.channels_last)
         if self.backend == "compile":
-            if self.options.compile_cache_dir is not None:
-                # Read by Inductor at each cache lookup; process-wide, and a worker process
-                # holds one engine. Inductor's entries are pickles that only this node writes
-                # and reads: its own directory, no one else's (not the shared /tmp default).
-                self.options.compile_cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.options.compile_cache_dir)
             # Every member shares one compiled graph (same code, weights as inputs: measured, one
             # compile for 3 members). dynamic=None: a second batch size makes the batch dimension
             # symbolic, so the captured shapes 1, 2, 4, ... cost about three compiles, not one each.
