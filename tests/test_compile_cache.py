@@ -1,10 +1,13 @@
 """A compiled engine keeps its compiled graph where the node says (beside the spool by
-default), and a restarted worker loads it from there instead of compiling again."""
+default), a restarted worker loads it from there instead of compiling again, and neither a torn
+entry nor a warm-up cut short (kill -9, power cut) stops a later start."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -12,7 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from scxnn_node.config import NodeConfig
+from scxnn_node.model.compile_cache import LOCK_NAME, WARMING_NAME
 
 _START_ENGINE = """
 import json, sys
@@ -48,22 +54,99 @@ def _worker_engine(bundle_dir: Path, cache_dir: Path) -> subprocess.Popen:
 def _counts(process: subprocess.Popen) -> dict:
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-2000:]
-    return json.loads(out.strip().splitlines()[-1])
+    counts = json.loads(out.strip().splitlines()[-1])
+    counts["log"] = err
+    return counts
 
 
 def _start_worker_engine(bundle_dir: Path, cache_dir: Path) -> dict:
     return _counts(_worker_engine(bundle_dir, cache_dir))
 
 
-def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(small_bundle_dir, tmp_path):
-    cache = tmp_path / "compile-cache"
-    first = _start_worker_engine(small_bundle_dir, cache)
+@pytest.fixture(scope="module")
+def compiled(small_bundle_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A cache one worker filled, and what that worker computed: each test works on a copy."""
+    cache = tmp_path_factory.mktemp("compiled") / "compile-cache"
+    return cache, _start_worker_engine(small_bundle_dir, cache)
+
+
+def _copy(cache: Path, to: Path) -> Path:
+    shutil.copytree(cache, to, symlinks=True)
+    return to
+
+
+def _entry_files(cache: Path) -> list[Path]:
+    return sorted(
+        p for p in cache.rglob("*") if p.is_file() and p.name not in (LOCK_NAME, WARMING_NAME)
+    )
+
+
+def _tear(files: list[Path], rng: random.Random) -> None:
+    """What a power cut leaves of files written without fsync: cut short, emptied, or blocks
+    of other data."""
+    for path in files:
+        data = path.read_bytes()
+        kind = rng.choice(("cut", "empty", "garbage"))
+        if kind == "cut":
+            path.write_bytes(data[: rng.randrange(len(data) + 1)])
+        elif kind == "empty":
+            path.write_bytes(b"")
+        else:
+            path.write_bytes(rng.randbytes(len(data)))
+
+
+def test_a_restarted_worker_loads_its_compiled_graph_from_the_cache(
+    small_bundle_dir, compiled, tmp_path
+):
+    cache, first = compiled
     assert first["misses"] >= 1 and first["hits"] == 0  # compiled, and kept
-    assert any(cache.rglob("*")), "nothing written to the compile cache"
+    assert _entry_files(cache), "nothing written to the compile cache"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # Inductor's pickles: ours alone
-    second = _start_worker_engine(small_bundle_dir, cache)
+    assert not (cache / WARMING_NAME).exists()  # a warm-up that finished says so
+    second = _start_worker_engine(small_bundle_dir, _copy(cache, tmp_path / "cc"))
     assert second["hits"] >= 1 and second["misses"] == 0  # loaded, not compiled
     assert second["logits"] == first["logits"]
+
+
+def test_torn_cache_entries_are_cleared_and_compiled_again(small_bundle_dir, compiled, tmp_path):
+    """Entries cut, emptied or overwritten (a disk's or an operator's doing, after the warm-up
+    that wrote them had finished): the start does not fail, it compiles again."""
+    cache, first = compiled
+    torn = _copy(cache, tmp_path / "cc")
+    seed = random.randrange(2**32)
+    _tear(_entry_files(torn), random.Random(seed))
+    again = _start_worker_engine(small_bundle_dir, torn)
+    assert "unusable" in again["log"] and "cleared, compiling again" in again["log"], seed
+    assert again["misses"] >= 1, seed
+    assert again["logits"] == first["logits"], seed
+    assert _start_worker_engine(small_bundle_dir, torn)["misses"] == 0  # and kept again
+
+
+def test_a_warm_up_cut_short_leaves_the_cache_untrusted(small_bundle_dir, compiled, tmp_path):
+    """A worker killed -9 at a random moment of its compile, then a power cut tears what it had
+    written: the next start clears the cache before it reads any of it."""
+    _, first = compiled
+    cache = tmp_path / "cc"
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    worker = _worker_engine(small_bundle_dir, cache)
+    deadline = time.monotonic() + 120
+    while not _entry_files(cache) and time.monotonic() < deadline:
+        time.sleep(0.05)  # compiling has begun: Inductor wrote its first entry
+    time.sleep(rng.uniform(0, 5))
+    worker.kill()
+    worker.communicate(timeout=30)
+    if worker.returncode == 0:
+        pytest.fail(f"the warm-up ended before the kill (seed {seed}): kill sooner")
+    assert (cache / WARMING_NAME).exists()
+    _tear(_entry_files(cache), rng)
+    again = _start_worker_engine(small_bundle_dir, cache)
+    assert "a warm-up did not finish" in again["log"], seed
+    assert "unusable" not in again["log"], seed  # cleared before anything was read
+    assert again["hits"] == 0 and again["misses"] >= 1, seed
+    assert again["logits"] == first["logits"], seed
+    assert not (cache / WARMING_NAME).exists()
 
 
 def test_workers_starting_together_compile_once(small_bundle_dir, tmp_path):
@@ -87,10 +170,11 @@ def test_the_compile_cache_lives_beside_the_spool_unless_configured(tmp_path):
     assert chosen.engine_options("cpu").compile_cache_dir == Path("/srv/cc")
 
 
-def test_a_worker_killed_while_compiling_does_not_hold_the_others(small_bundle_dir, tmp_path):
+def test_a_worker_killed_while_compiling_does_not_hold_the_others(
+    small_bundle_dir, compiled, tmp_path
+):
     """The lock is the kernel's (flock): it goes with its holder, whatever kills it."""
-    cache = tmp_path / "compile-cache"
-    cache.mkdir()
+    cache = _copy(compiled[0], tmp_path / "cc")
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -108,4 +192,5 @@ def test_a_worker_killed_while_compiling_does_not_hold_the_others(small_bundle_d
     assert waiting.poll() is None  # it waits for the holder
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(10)
-    assert _counts(waiting)["misses"] >= 1  # then compiles, and starts
+    started = _counts(waiting)  # then starts
+    assert started["logits"] == compiled[1]["logits"]

@@ -11,9 +11,7 @@ model/decision.py, with numpy only.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from scxnn_node.model.bundle import Bundle
+from scxnn_node.model.compile_cache import CompileCache
 from scxnn_node.model.cuda_graph import GraphedEnsemble
 from scxnn_node.model.decision import abnormality_scores, not_analysed_result, result_from_logits
 from scxnn_node.model.fused import FusedMember
@@ -167,12 +166,35 @@ class InferenceEngine:
         )
 
     def _build_and_warm_up(self) -> None:
-        if self.backend == "compile" and self.options.compile_cache_dir is not None:
-            # Read by Inductor at each cache lookup; process-wide, and a worker process holds
-            # one engine. Inductor's entries are pickles that only this node writes and reads:
-            # its own directory, no one else's (not the shared /tmp default).
-            self.options.compile_cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.options.compile_cache_dir)
+        cache = (
+            CompileCache(self.options.compile_cache_dir)
+            if self.backend == "compile" and self.options.compile_cache_dir is not None
+            else None
+        )
+        if cache is None:
+            self._build_members()
+            self._warm_up()
+            return
+        cache.use()
+        self._build_members()
+        with cache.warming():
+            try:
+                self._warm_up()
+            except Exception as exc:
+                if not cache.entries():
+                    raise
+                # An entry that fails to load would fail every start after this one.
+                log.warning(
+                    "compile cache %s unusable (%s: %s); cleared, compiling again",
+                    cache.directory,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
+                cache.clear()
+                self._build_members()
+                self._warm_up()
+
+    def _build_members(self) -> None:
         self.members = [self._build_member(name) for name in self.manifest.findings.names]
         self.graphed = (
             GraphedEnsemble(
@@ -181,8 +203,6 @@ class InferenceEngine:
             if self._replays_graphs()
             else None
         )
-        with self._one_compile_at_a_time():
-            self._warm_up()
 
     def _warm_up(self) -> None:
         """Capture the graphs, or compile, now: no study waits for either."""
@@ -192,19 +212,6 @@ class InferenceEngine:
             elif self.backend == "compile":
                 size = self.manifest.preprocessing.size
                 self._batch_logits(np.zeros((self.batch_size, size, size), dtype=np.uint8))
-
-    @contextlib.contextmanager
-    def _one_compile_at_a_time(self) -> Iterator[None]:
-        """Workers sharing a compile cache (one node's) start one after another: the first
-        compiles, the others then load its graphs from the cache instead of all compiling at
-        once on the same cores."""
-        cache = self.options.compile_cache_dir
-        if self.backend != "compile" or cache is None:
-            yield
-            return
-        with open(cache / ".compile.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            yield
 
     def _replays_graphs(self) -> bool:
         """Our CUDA graphs replay the pass: backend cuda_graph, or compiled members on CUDA in a
