@@ -11,14 +11,16 @@ storescp, or pynetdicom's where dcmtk is not installed (--peers).
 Latency: studies sent one at a time, each waited for; p50/p95 from the end of the study's last
 C-STORE to its SR's arrival at the PACS. The node waits study.quiet_seconds for more instances
 before it queues a study, so that wait is printed separately (latency minus quiet).
-Saturated queue: all studies sent at once. Node time per study is the steady rate, (last SR -
-first SR) / (n - 1), which leaves out the pipeline filling and the quiet wait; studies/s over
-the whole burst is printed too. Engine time per study is measured in the same run after the
-node stopped: the same engine options, on the same preprocessed images, in passes of as many
-studies as the worker holds (its largest batch). Node overhead = (node time per study - engine
-time per study) / engine time per study. Decode + preprocess time per study (what the decode
-processes take off the engine's path) is printed as well. The figures depend on the machine's
-load: say what else ran.
+Saturated queue: all studies sent at once, or with --arrival-seconds S the first ones at once
+and the rest one every S seconds, so that the SCP receives while the worker works (S below the
+engine's time a study keeps the queue full; the bench says if it ran dry). Node time per study
+is the steady rate, (last SR - first SR) / (n - 1), which leaves out the pipeline filling and
+the quiet wait; studies/s over the whole burst is printed too. Engine time per study is
+measured in the same run after the node stopped: the same engine options, on the same
+preprocessed images, in passes of as many studies as the worker holds (its largest batch).
+Node overhead = (node time per study - engine time per study) / engine time per study.
+Decode + preprocess time per study (what the decode processes take off the engine's path) is
+printed as well. The figures depend on the machine's load: say what else ran.
 """
 
 from __future__ import annotations
@@ -142,6 +144,22 @@ def cpu_by_role(node: Node) -> dict[str, float]:
     return roles
 
 
+def pipeline_seconds(node: Node) -> tuple[float, float]:
+    """Seconds the node's live workers' engines ran and waited for decoding, as of their last
+    liveness beat, which comes every second at most: one is waited for."""
+    from scxnn_node.store.db import Database
+    from scxnn_node.store.workers import live_workers
+
+    time.sleep(1.5)
+    db = Database(node.config.database.url)
+    try:
+        with db.session() as session:
+            live = live_workers(session)
+    finally:
+        db.dispose()
+    return sum(w.pipeline.engine for w in live), sum(w.pipeline.decode_wait for w in live)
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
@@ -206,6 +224,14 @@ def main() -> None:
         default=1.0,
         help="scheduler.readiness_seconds and delivery_seconds (the node's defaults: 1 and 2); "
         "the worker polls at half of it. On 2 cores 0.1 s polls cost the engine 8-12 %%",
+    )
+    parser.add_argument(
+        "--arrival-seconds",
+        type=float,
+        default=None,
+        help="send the burst while the node works on it: the first studies (those in flight, and "
+        "one more) at once, then one every S seconds. With S under the engine's time a study the "
+        "queue stays full: the node's overhead while its SCP is receiving",
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -274,11 +300,22 @@ def main() -> None:
             )
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
+        pipeline_before = pipeline_seconds(node)
         cpu_before = cpu_by_role(node)
         start = time.time()
-        send_concurrently(storescu, config.node.port, burst, args.senders)
+        if args.arrival_seconds is None:
+            send_concurrently(storescu, config.node.port, burst, args.senders)
+        else:
+            head = args.studies_in_flight * args.workers_per_device + 1
+            send_concurrently(storescu, config.node.port, burst[:head], args.senders)
+            for i, f in enumerate(burst[head:], start=1):
+                time.sleep(max(0.0, start + i * args.arrival_seconds - time.time()))
+                send(storescu, config.node.port, f)
+        last_sent = time.time()
+        results_by_last_send = len(sr_studies(pacs)) - before
         arrived = wait_for_srs(pacs, before + len(burst), 3600)
         cpu_after = cpu_by_role(node)
+        pipeline_after = pipeline_seconds(node)
         burst_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
         }
@@ -287,6 +324,18 @@ def main() -> None:
         node.stop()
         pacs.stop()
     node_per_study = (times[-1] - times[0]) / max(1, len(times) - 1)
+    engines_ran = pipeline_after[0] - pipeline_before[0]
+    engines_waited_for_decoding = pipeline_after[1] - pipeline_before[1]
+    # The SCP received during this share of the timed span (first SR to last); the node's rate
+    # over the SRs that arrived while it was still receiving.
+    receiving_share = min(1.0, max(0.0, (last_sent - times[0]) / max(1e-9, times[-1] - times[0])))
+    waiting_at_last_send = len(burst) - results_by_last_send
+    while_receiving = [t for t in times if t <= last_sent]
+    node_per_study_receiving = (
+        (while_receiving[-1] - while_receiving[0]) / (len(while_receiving) - 1)
+        if len(while_receiving) >= 3
+        else None
+    )
     whole_burst = len(times) / (times[-1] - start)
     print(f"node steady rate {1 / node_per_study:.2f} studies/s over {len(times)}", flush=True)
 
@@ -356,6 +405,18 @@ def main() -> None:
         "engine_studies_per_s": 1 / engine_per_study,
         "decode_preprocess_s_per_study": decode_per_study,
         "node_overhead": overhead,
+        # Over the burst, all workers: engine passes, and the engine waiting for decoding.
+        "engines_ran_s": engines_ran,
+        "engines_waited_for_decoding_s": engines_waited_for_decoding,
+        "arrival_seconds": args.arrival_seconds,
+        "receiving_share_of_timed_span": receiving_share,
+        "node_s_per_study_while_receiving": node_per_study_receiving,
+        "node_overhead_while_receiving": (
+            (node_per_study_receiving - engine_per_study) / engine_per_study
+            if node_per_study_receiving
+            else None
+        ),
+        "studies_waiting_or_in_flight_at_last_send": waiting_at_last_send,
         # CPU seconds a study in the burst, by role (load-independent, unlike the rates):
         "cpu_s_per_study": cpu_per_study,
         "engine_cpu_s_per_study": engine_cpu_per_study,
@@ -386,6 +447,29 @@ def main() -> None:
         f"node overhead {100 * overhead:.1f} % of engine time; decode + preprocess "
         f"{decode_per_study:.3f} s a study (in the decode processes, off the engine's path)"
     )
+    print(
+        f"over the burst the workers' engines ran {engines_ran:.2f} s and waited for decoding "
+        f"{engines_waited_for_decoding:.2f} s"
+        + (
+            f" ({100 * engines_waited_for_decoding / engines_ran:.1f} % of their running time)"
+            if engines_ran > 0
+            else ""
+        )
+    )
+    if args.arrival_seconds is not None:
+        print(
+            f"arrivals: one study every {args.arrival_seconds:.1f} s after the first; the SCP "
+            f"received during {100 * receiving_share:.0f} % of the timed span, and "
+            f"{waiting_at_last_send} studies were waiting or in flight at the last send"
+            + ("" if waiting_at_last_send > 1 else " (the queue ran dry: lower --arrival-seconds)")
+        )
+        if node_per_study_receiving:
+            over = (node_per_study_receiving - engine_per_study) / engine_per_study
+            print(
+                f"while receiving ({len(while_receiving)} SRs before the last send): node "
+                f"{node_per_study_receiving:.3f} s a study, overhead {100 * over:.1f} % of "
+                "engine time"
+            )
     roles = ", ".join(f"{role} {seconds:.3f}" for role, seconds in cpu_per_study.items())
     print(
         f"CPU seconds a study in the burst: {roles} (worker includes the engine: "

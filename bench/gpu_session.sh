@@ -37,7 +37,8 @@ python=python3
 if [ $cpu = 1 ]; then
   [ -x .venv/bin/python ] && python=.venv/bin/python
   device=cpu
-  inference=(--device cpu --profile --arch densenet_small --size 256 --members 2 --studies 2 --repeats 1)
+  inference=(--device cpu --profile --profile-compiled --arch densenet_small --size 256 --members 2
+    --studies 2 --repeats 1)
   e2e=(--device cpu --small --studies 6 --latency-studies 2 --source-px 1500 --j2k)
   training=(--device cpu --arch densenet_small --size 128 --count 16 --batch 4 --epochs 1
     --workers 1)
@@ -60,9 +61,12 @@ else
   # The sweep: the winner of 2026-11-27 (CUDA graphs, 4 streams), then Inductor's kernels
   # (compile, mode default) replayed in the same graphs. SWEEP overrides it, e.g. with
   # compile:32:4:max-autotune-no-cudagraphs (minutes of autotuning).
+  # PROFILE_COMPILED=1 adds where a compiled member's time goes, kernel by kernel (one more
+  # compile, about a minute: give the step T_INFERENCE=330).
   inference=(--device cuda:0 --quick --profile --studies 64 --repeats 3 --engine-repeats 2
     --member-batch 16 --peak-gflops 989000
     --sweep "${SWEEP:-cuda_graph:32:4,compile:32:4}")
+  [ "${PROFILE_COMPILED:-0}" = 1 ] && inference+=(--profile-compiled)
   e2e=(--device cuda:0 --untrained densenet121 --size 1024 --studies 128 --latency-studies 3
     --source-px 2500 --j2k --workers-per-device 3 --studies-in-flight 32 --decode-processes 4
     --ingest-processes 4 --senders 4)

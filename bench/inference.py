@@ -125,9 +125,21 @@ def _op_category(name: str, shapes: list) -> str:
     return name
 
 
-def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+def _kernel_category(name: str) -> str:
+    """A compiled pass's kernel: Inductor's fused kernels by what they fuse (their index
+    dropped), library kernels (convolutions) by name."""
+    if name.startswith(("triton_", "cpp_fused")):
+        return name.rstrip("0123456789").rstrip("_")
+    return name
+
+
+def profile_member(
+    args: argparse.Namespace, device: torch.device, compiled: bool = False
+) -> dict[str, dict[str, float]]:
     """Where one member pass spends its time: self time of each op (device time on a GPU), one
-    fused member at the engine's dtype, --member-batch images (1 on a CPU), 3 profiled passes."""
+    fused member at the engine's dtype, --member-batch images (1 on a CPU), 3 profiled passes.
+    `compiled`: the member through torch.compile (mode --compile-mode), timed by kernel, since
+    Inductor launches its fused kernels without an op around them."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -135,13 +147,15 @@ def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, 
     batch = args.member_batch if device.type == "cuda" else 1
     member = FusedMember(MemberNet(args.arch, with_decoder=False).eval()).to(device, dtype)
     member = member.to(memory_format=torch.channels_last)
+    if compiled:
+        member = torch.compile(member, mode=args.compile_mode)
     x = torch.rand(batch, 1, args.size, args.size, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last
     )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     passes = 3
     with torch.inference_mode():
-        member(x)  # warm-up: cuDNN picks its algorithms outside the profile
+        member(x)  # warm-up: cuDNN picks its algorithms (Inductor compiles) outside the profile
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         with profile(activities=activities, record_shapes=True) as prof:
@@ -157,10 +171,17 @@ def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, 
                 us = event.self_cuda_time_total
         else:
             us = event.self_cpu_time_total
-        # Ops only: a kernel's time is already the self device time of the op that launched it.
-        if us <= 0 or event.device_type != DeviceType.CPU or event.key.startswith("cuda"):
-            continue
-        row = rows.setdefault(_op_category(event.key, event.input_shapes or []), {"ms": 0.0})
+        if compiled and device.type == "cuda":
+            # Kernels: Inductor's own are launched without an op around them.
+            if us <= 0 or event.device_type != DeviceType.CUDA:
+                continue
+            category = _kernel_category(event.key)
+        else:
+            # Ops only: a kernel's time is already the self device time of the op launching it.
+            if us <= 0 or event.device_type != DeviceType.CPU or event.key.startswith("cuda"):
+                continue
+            category = _op_category(event.key, event.input_shapes or [])
+        row = rows.setdefault(category, {"ms": 0.0})
         row["ms"] += us / 1e3 / passes / batch  # per image
         row["calls"] = row.get("calls", 0) + event.count / passes
     total = sum(r["ms"] for r in rows.values())
@@ -168,7 +189,11 @@ def profile_member(args: argparse.Namespace, device: torch.device) -> dict[str, 
         row["percent"] = 100 * row["ms"] / total
     ranked = dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"])[:16])
     clock = "device" if device.type == "cuda" else "CPU"
-    print(f"profile: one member, {batch} images a pass, {clock} ms per image, {total:.3f} in all")
+    form = f"compiled ({args.compile_mode})" if compiled else "eager"
+    print(
+        f"profile, {form}: one member, {batch} images a pass, {clock} ms per image, "
+        f"{total:.3f} in all"
+    )
     for name, row in ranked.items():
         share = f"{row['ms']:8.3f} ms {row['percent']:5.1f}%"
         print(f"  {name[:48]:<48} {share}  {row['calls']:.0f} calls")
@@ -295,6 +320,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print where one member pass spends its time"
     )
+    parser.add_argument(
+        "--profile-compiled",
+        action="store_true",
+        help="the same for the member compiled with --compile-mode, kernel by kernel",
+    )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -319,6 +349,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the engine sets it
     profiled = profile_member(args, device) if args.profile else None
+    profiled_compiled = (
+        profile_member(args, device, compiled=True) if args.profile_compiled else None
+    )
     if device.type == "cuda":
         variants = gpu_member_forms(args, device, rate)
         per_backend = sweep_engines(args, device, flops, peak) if args.sweep else {}
@@ -334,6 +367,7 @@ def main() -> None:
             "member_batch": args.member_batch,
             "single_member_seconds_per_image": variants,
             "profile_ms_per_image": profiled,
+            "compiled_profile_ms_per_image": profiled_compiled,
             "sweep": per_backend,
         }
         if args.json_out:
@@ -437,6 +471,7 @@ def main() -> None:
         "naive_seconds_per_study": naive_study,
         "single_member_seconds": variants,
         "profile_ms_per_image": profiled,
+        "compiled_profile_ms_per_image": profiled_compiled,
         "engine": per_backend,
     }
     if args.json_out:

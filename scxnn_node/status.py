@@ -37,6 +37,8 @@ def node_status(
                 "bundle_version": w.bundle_version,
                 "job": w.job_id,
                 "beat_seconds_ago": round((now - w.beat_at).total_seconds(), 1),
+                "engine_seconds": round(w.pipeline.engine, 3),
+                "decode_wait_seconds": round(w.pipeline.decode_wait, 3),
             }
             for w in live_workers(session)
         ]
@@ -117,7 +119,9 @@ def format_status(report: dict[str, Any]) -> str:
         + (
             ", ".join(
                 f"{w['owner']} (bundle {w['bundle_version']}, "
-                + (f"job {w['job']})" if w["job"] is not None else "idle)")
+                + (f"job {w['job']}, " if w["job"] is not None else "idle, ")
+                + f"engine {w['engine_seconds']:.0f} s, "
+                + f"waited for decoding {w['decode_wait_seconds']:.0f} s)"
                 for w in live
             )
             or "none alive"

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -164,6 +165,13 @@ class TriageWorker:
             max_workers=self._conclusion_threads, thread_name_prefix="conclude"
         )
         self._concluding: list[Future[None]] = []
+        # Written by the engine thread only, read by the liveness beat.
+        self._engine_seconds = 0.0
+        self._decode_wait_seconds = 0.0
+
+    @property
+    def pipeline_seconds(self) -> workers.PipelineSeconds:
+        return workers.PipelineSeconds(self._engine_seconds, self._decode_wait_seconds)
 
     @property
     def _conclusion_threads(self) -> int:
@@ -215,7 +223,9 @@ class TriageWorker:
             return True
         if not any(flight.decoded() for flight in self._in_flight):
             pending = [f for flight in self._in_flight for f in flight.decodes if not f.done()]
+            waiting = time.monotonic()
             wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
+            self._decode_wait_seconds += time.monotonic() - waiting
         ready = [flight for flight in self._in_flight if flight.decoded()]
         if ready:
             self._in_flight = [flight for flight in self._in_flight if flight not in ready]
@@ -318,7 +328,11 @@ class TriageWorker:
             self._conclude_later(flight.job, triaged)
 
     def _infer(self, studies: list[tuple[str, list[PreparedInstance]]]) -> list[StudyResult]:
-        return triage_studies(self.engine, studies)
+        started = time.monotonic()
+        try:
+            return triage_studies(self.engine, studies)
+        finally:
+            self._engine_seconds += time.monotonic() - started
 
     def _conclude(self, job: ClaimedJob, triage: Callable[[], Triaged]) -> None:
         """Triage a held job and commit its outcome; otherwise the job is handed back (the
@@ -398,7 +412,8 @@ class TriageWorker:
         while True:
             lease = self._lease
             try:
-                workers.beat(self.db, self.identity, lease.job.id if lease else None, every)
+                job_id = lease.job.id if lease else None
+                workers.beat(self.db, self.identity, job_id, every, self.pipeline_seconds)
             except Exception as exc:  # transient: the next beat tries again
                 log.warning("worker %s: liveness beat failed: %s", self.owner, exc)
             if parent_pid is not None and os.getppid() != parent_pid:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -90,3 +92,58 @@ def db(database_url: str) -> Iterator[Database]:
     database.create_schema()
     yield database
     database.dispose()
+
+
+class SmallFilesystem:
+    """Real file systems (tmpfs) of a chosen size under a test's directory, to fill: a disk
+    that fills, with the kernel's own ENOSPC."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounted: list[Path] = []
+
+    def mount(self, size_bytes: int, name: str = "fs") -> Path:
+        point = self.root / name
+        point.mkdir()
+        run = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode:
+            pytest.skip(f"cannot mount a tmpfs ({run.stderr.strip()}): full-disk tests need root")
+        self.mounted.append(point)
+        return point
+
+    @staticmethod
+    def resize(point: Path, size_bytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(point)], check=True)
+
+    @staticmethod
+    def fill(point: Path) -> Path:
+        """Write zeros until the kernel says the file system is full."""
+        filler = point / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            block = bytes(1 << 16)
+            while True:
+                try:
+                    os.write(fd, block)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    if len(block) == 1:
+                        return filler
+                    block = block[: len(block) // 2]
+        finally:
+            os.close(fd)
+
+    def unmount_all(self) -> None:
+        for point in self.mounted:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[SmallFilesystem]:
+    filesystems = SmallFilesystem(tmp_path)
+    yield filesystems
+    filesystems.unmount_all()

@@ -194,3 +194,22 @@ def test_a_worker_killed_while_compiling_does_not_hold_the_others(
     holder.wait(10)
     started = _counts(waiting)  # then starts
     assert started["logits"] == compiled[1]["logits"]
+
+
+def test_a_compile_cache_on_a_full_disk_fails_the_start_then_compiles_when_there_is_room(
+    small_bundle_dir, compiled, small_filesystem
+):
+    """Inductor's entries do not fit: the start fails naming the disk (the supervisor starts
+    the worker again; studies wait in the queue), and nothing it half-wrote is trusted."""
+    fs = small_filesystem.mount(1 << 20)
+    cache = fs / "compile-cache"
+    full = _worker_engine(small_bundle_dir, cache)
+    _out, err = full.communicate(timeout=600)
+    assert full.returncode != 0
+    assert "No space left on device" in err, err[-3000:]
+    assert (cache / WARMING_NAME).exists()
+    small_filesystem.resize(fs, 64 << 20)
+    again = _counts(_worker_engine(small_bundle_dir, cache))
+    assert "a warm-up did not finish" in again["log"]
+    assert again["logits"] == compiled[1]["logits"]
+    assert _entry_files(cache) and not (cache / WARMING_NAME).exists()

@@ -238,6 +238,11 @@ def test_metrics_after_a_real_flow(flow):
     assert _value(samples, "scxnn_received_bytes_total") > 0
     assert _total(samples, "scxnn_verdicts_total") == 3  # one verdict per chest study
     assert _value(samples, "scxnn_worker_busy_seconds_total") > 0
+    # The live worker's pipeline: its engine ran; its wait for decoding is there to be read.
+    engine = [ls for (n, ls) in samples if n == "scxnn_worker_engine_seconds_total"]
+    waited = [ls for (n, ls) in samples if n == "scxnn_worker_decode_wait_seconds_total"]
+    assert len(engine) == len(waited) == 1 and engine == waited
+    assert _total(samples, "scxnn_worker_engine_seconds_total") > 0
     assert _value(samples, "scxnn_deliveries_sent_total", kind="sr") == 3
     assert _value(samples, "scxnn_deliveries_sent_total", kind="summary") == 3
     assert _value(samples, "scxnn_deliveries_given_up_total") == 6

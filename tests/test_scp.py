@@ -175,6 +175,46 @@ def test_low_disk_answers_out_of_resources(tmp_path):
         scp.shutdown()
 
 
+def test_a_full_disk_refuses_the_c_store_and_the_node_keeps_serving(
+    small_filesystem, tmp_path, caplog
+):
+    """The spool's and the database's disk fills for real (tmpfs, the kernel's ENOSPC): the
+    C-STORE is refused, nothing half-kept, and once there is room the retry is stored once."""
+    fs = small_filesystem.mount(8 << 20)
+    config = node_config(
+        tmp_path,
+        storage={"spool_dir": str(fs / "spool"), "min_free_bytes": 0},  # the kernel says full
+        database={"url": f"sqlite:///{fs / 'node.db'}"},
+    )
+    db = Database(config.database.url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    scp = StoreScp(config, IngestService(config, db, spool))
+    scp.start()
+    sample = DATA / "nih_dx_no_finding.dcm"
+    try:
+        filler = small_filesystem.fill(fs)
+        refused = storescu(config, sample)
+        assert refused.returncode != 0  # not acknowledged: the sender keeps it and retries
+        assert "(OSError: No space left on device); answered 0xA700" in caplog.text
+        assert _instances(db) == []
+        assert not [p for p in spool.root.rglob("*") if p.is_file()], "a torn file was kept"
+        run_echo = ["echoscu", "-aet", "PACS", "-aec", "SCXNN", "127.0.0.1", str(config.node.port)]
+        assert subprocess.run(run_echo, capture_output=True, timeout=30).returncode == 0
+
+        filler.unlink()  # room again: the sender's retry is stored, once, whole
+        assert storescu(config, sample).returncode == 0
+        (row,) = _instances(db)
+        original = pydicom.dcmread(sample)
+        assert row.sop_instance_uid == original.SOPInstanceUID
+        assert pydicom.dcmread(spool.absolute(row.path)).PixelData == original.PixelData
+        with db.session() as s:  # and the database the full disk refused is whole
+            assert s.connection().exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    finally:
+        scp.shutdown()
+        db.dispose()
+
+
 def test_database_unavailable_answers_out_of_resources(sqlite_node):
     config, _, _ = sqlite_node
     path = config.database.url.removeprefix("sqlite:///")

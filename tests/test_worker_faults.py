@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import Future
 from datetime import timedelta
 
 import pydicom
@@ -20,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from scxnn_node.decode_pool import decode_spooled_instance
 from scxnn_node.status import node_status
+from scxnn_node.store import workers
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
 from scxnn_node.store.db import Database, utc_now
 from scxnn_node.store.models import Delivery, Instance, Job, Result, Study
@@ -608,3 +610,72 @@ def test_the_engine_does_not_wait_for_a_studys_outputs(make_config, db, spool):
         assert [(j.state, j.attempts) for j in jobs] == [("done", 1)] * 2
         assert {s.get(Study, study).state for study in (first, second)} == {"reported"}
     assert len(_outbox_files(spool)) == 2 * 2
+
+
+class _SlowDecodesWorker(_CountingWorker):
+    """Each decode ends `decode_delay` seconds after it was submitted; each engine pass takes
+    `engine_delay` seconds more than the engine's own."""
+
+    decode_delay = 0.6
+    engine_delay = 0.3
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        submit = self.decode_pool.submit
+
+        def late_submit(*args, **kwargs) -> Future:
+            decoded, late = submit(*args, **kwargs), Future()
+
+            def hand_over() -> None:
+                if not late.set_running_or_notify_cancel():
+                    return  # cancelled meanwhile (a lost lease, a stop)
+                if decoded.exception() is not None:
+                    late.set_exception(decoded.exception())
+                else:
+                    late.set_result(decoded.result())
+
+            threading.Timer(self.decode_delay, hand_over).start()
+            return late
+
+        self.decode_pool.submit = late_submit
+        member_logits = self.engine.member_logits
+
+        def slow_member_logits(images):
+            time.sleep(self.engine_delay)
+            return member_logits(images)
+
+        self.engine.member_logits = slow_member_logits
+
+
+def _pipeline_seconds_over(worker: TriageWorker) -> tuple[workers.PipelineSeconds, float]:
+    started = time.monotonic()
+    _pump_until_idle(worker)
+    return worker.pipeline_seconds, time.monotonic() - started
+
+
+def test_the_worker_counts_its_engine_waiting_for_decoding(make_config, db, spool):
+    """What `status` and /metrics show to tell an engine starved by decoding: the seconds it
+    ran and the seconds it held only studies not yet decoded."""
+    config = make_config(studies_in_flight=2, decode_processes=0, poll_seconds=0.1)
+    for seed in (1, 2, 3):
+        _queued_study(db, spool, seed)
+    slow = _SlowDecodesWorker(config, "cpu")
+    seconds, elapsed = _pipeline_seconds_over(slow)
+    assert sum(len(one_pass) for one_pass in slow.passes) == 3
+    # At least the first wait, when nothing held could be decoded yet; never more than the run.
+    assert 0.9 * slow.decode_delay <= seconds.decode_wait
+    assert len(slow.passes) * slow.engine_delay <= seconds.engine
+    assert seconds.engine + seconds.decode_wait <= elapsed
+
+    for seed in (4, 5, 6):  # decoded as soon as claimed: the engine never waits
+        _queued_study(db, spool, seed)
+    prompt = _CountingWorker(config, "cpu", bundle=slow.bundle)
+    seconds_prompt, _ = _pipeline_seconds_over(prompt)
+    assert sum(len(one_pass) for one_pass in prompt.passes) == 3
+    assert seconds_prompt.decode_wait < 0.1 * slow.decode_delay
+    assert seconds_prompt.engine > 0
+
+    workers.beat(db, slow.identity, None, 5, seconds)
+    (shown,) = node_status(db)["workers"]
+    assert shown["decode_wait_seconds"] == round(seconds.decode_wait, 3)
+    assert shown["engine_seconds"] == round(seconds.engine, 3)

@@ -230,6 +230,22 @@ def _state_gauges(
         "Worker processes beating now (all nodes).",
         value=len(status["workers"]),
     )
+    engine = CounterMetricFamily(
+        "scxnn_worker_engine_seconds",
+        "Seconds a live worker's engine ran since the worker started.",
+        labels=["worker"],
+    )
+    decode_wait = CounterMetricFamily(
+        "scxnn_worker_decode_wait_seconds",
+        "Seconds a live worker's engine waited, since the worker started, while every study it "
+        "held was still being decoded (more worker.decode_processes would take it away).",
+        labels=["worker"],
+    )
+    for w in status["workers"]:
+        engine.add_metric([w["owner"]], w["engine_seconds"])
+        decode_wait.add_metric([w["owner"]], w["decode_wait_seconds"])
+    yield engine
+    yield decode_wait
     yield GaugeMetricFamily(
         "scxnn_spool_free_bytes",
         "Free bytes on the spool's file system.",

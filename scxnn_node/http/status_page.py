@@ -108,13 +108,23 @@ def _workers(workers: list[dict[str, Any]]) -> list[str]:
             _e(w["bundle_version"]),
             "idle" if w["job"] is None else f"job {_e(w['job'])}",
             f"{w['beat_seconds_ago']:.0f} s ago",
+            f"{w['engine_seconds']:.0f} s",
+            f"{w['decode_wait_seconds']:.0f} s",
         ]
         for w in workers
     ]
     return [
         "<h2>Workers</h2>",
         *_table(
-            ["worker", "device", "bundle", "doing", "last beat"],
+            [
+                "worker",
+                "device",
+                "bundle",
+                "doing",
+                "last beat",
+                "engine ran",
+                "engine waited for decoding",
+            ],
             rows,
             "No worker alive: nothing is being analysed.",
         ),

@@ -208,6 +208,10 @@ class Worker(Base):
     beat_at: Mapped[datetime] = mapped_column(DateTime)
     alive_until: Mapped[datetime] = mapped_column(DateTime, index=True)  # beat_at + 3 beats
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the job it works on
+    # Since the worker started: seconds its engine ran, and seconds it held studies none of
+    # which was decoded yet (its engine waiting for decoding).
+    engine_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    decode_wait_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Event(Base):

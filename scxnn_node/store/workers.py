@@ -31,6 +31,15 @@ class WorkerIdentity:
 
 
 @dataclass(frozen=True)
+class PipelineSeconds:
+    """A worker's time since it started: its engine running, and its engine waiting while every
+    study it held was still being decoded (what more decode processes would take away)."""
+
+    engine: float = 0.0
+    decode_wait: float = 0.0
+
+
+@dataclass(frozen=True)
 class LiveWorker:
     owner: str
     device: str
@@ -38,11 +47,18 @@ class LiveWorker:
     job_id: int | None
     started_at: datetime
     beat_at: datetime
+    pipeline: PipelineSeconds = PipelineSeconds()
 
 
-def beat(db: Database, worker: WorkerIdentity, job_id: int | None, every_s: float) -> None:
-    """Record that the worker is alive now (and what it works on); it counts as alive until
-    MISSED_BEATS beats of `every_s` seconds are missed."""
+def beat(
+    db: Database,
+    worker: WorkerIdentity,
+    job_id: int | None,
+    every_s: float,
+    pipeline: PipelineSeconds | None = None,
+) -> None:
+    """Record that the worker is alive now (and what it works on, and its pipeline's seconds);
+    it counts as alive until MISSED_BEATS beats of `every_s` seconds are missed."""
     now = utc_now()
     with db.session() as session:
         row = session.get(Worker, worker.owner)
@@ -59,6 +75,9 @@ def beat(db: Database, worker: WorkerIdentity, job_id: int | None, every_s: floa
         row.beat_at = now
         row.alive_until = now + timedelta(seconds=every_s * MISSED_BEATS)
         row.job_id = job_id
+        if pipeline is not None:
+            row.engine_seconds = pipeline.engine
+            row.decode_wait_seconds = pipeline.decode_wait
 
 
 def forget(db: Database, owner: str) -> None:
@@ -73,7 +92,15 @@ def live_workers(session: Session) -> list[LiveWorker]:
         select(Worker).where(Worker.alive_until >= utc_now()).order_by(Worker.owner)
     ).scalars()
     return [
-        LiveWorker(r.owner, r.device, r.bundle_version, r.job_id, r.started_at, r.beat_at)
+        LiveWorker(
+            r.owner,
+            r.device,
+            r.bundle_version,
+            r.job_id,
+            r.started_at,
+            r.beat_at,
+            PipelineSeconds(r.engine_seconds or 0.0, r.decode_wait_seconds or 0.0),
+        )
         for r in rows
     ]
 
