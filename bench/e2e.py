@@ -474,8 +474,12 @@ def main() -> None:
     print(
         f"CPU seconds a study in the burst: {roles} (worker includes the engine: "
         f"{engine_cpu_per_study:.3f} alone); the node without the engine {node_cpu:.3f} CPU-s "
-        f"a study, so at most {os.cpu_count() / max(node_cpu, 1e-9):.1f} studies/s on "
-        f"{os.cpu_count()} CPUs"
+        + (
+            f"a study, so at most {os.cpu_count() / node_cpu:.1f} studies/s on "
+            f"{os.cpu_count()} CPUs"
+            if node_cpu > 0
+            else "a study: less than the engine's own variation between its two runs"
+        )
     )
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
