@@ -24,7 +24,7 @@ from scxnn_node.imaging.decode import ImageRejected, RejectReason, load_image, r
 def test_real_dx_implicit_vr_secondary_capture():
     image = load_image(DATA / "nih_dx_no_finding.dcm")
     assert image.pixels.shape == (1024, 1024)
-    assert image.pixels.dtype == np.float32
+    assert image.pixels.dtype == np.uint8  # 8-bit, no rescale: the stored integers, as they are
     assert image.transfer_syntax == ImplicitVRLittleEndian
     assert image.pixels.std() > 10  # a real radiograph, not a flat array
     assert "PixelData" not in image.dataset
@@ -84,7 +84,7 @@ def test_jpeg_extended_12bit_lossy(source_12bit, tmp_path):
     dcmtk("dcmcjpeg", "+ee", "+rm", src, out)  # +rm: scaling kept as rescale
     assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
     decoded = load_image(out).pixels
-    assert np.abs(decoded - pixels).mean() < 0.01 * 4095
+    assert np.abs(decoded.astype(np.int64) - pixels).mean() < 0.01 * 4095
 
 
 def test_jpeg_baseline_8bit_lossy(source_8bit, tmp_path):
@@ -92,7 +92,7 @@ def test_jpeg_baseline_8bit_lossy(source_8bit, tmp_path):
     out = tmp_path / "base.dcm"
     dcmtk("dcmcjpeg", "+eb", "+rm", src, out)
     decoded = load_image(out).pixels
-    assert np.abs(decoded - pixels).mean() < 3
+    assert np.abs(decoded.astype(np.int64) - pixels).mean() < 3
 
 
 def test_jpeg_ls_near_lossless(source_12bit, tmp_path):
@@ -100,7 +100,7 @@ def test_jpeg_ls_near_lossless(source_12bit, tmp_path):
     out = tmp_path / "jls.dcm"
     dcmtk("dcmcjpls", "+en", "+md", "2", src, out)
     assert pydicom.dcmread(out).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.81"
-    assert np.abs(load_image(out).pixels - pixels).max() <= 2
+    assert np.abs(load_image(out).pixels.astype(np.int64) - pixels).max() <= 2
 
 
 def test_jpeg2000_lossless_and_lossy(tmp_path):
@@ -111,7 +111,7 @@ def test_jpeg2000_lossless_and_lossy(tmp_path):
     lossy = make_dataset(pixels)
     lossy.compress(JPEG2000, j2k_cr=[5])
     decoded = load_image(write(lossy, tmp_path / "j2k.dcm")).pixels
-    assert 0 < np.abs(decoded - pixels).mean() < 0.01 * 4095
+    assert 0 < np.abs(decoded.astype(np.int64) - pixels).mean() < 0.01 * 4095
 
 
 def test_16bit_monochrome1_jpeg2000(tmp_path):
@@ -216,3 +216,38 @@ def test_reads_bare_dataset_without_preamble(tmp_path, source_12bit):
     if raw[128:132] == b"DICM":  # make sure we test the no-preamble case
         path.write_bytes(raw[132:])
     assert read_dataset(path).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _modality_values_by_pydicom(ds: pydicom.Dataset) -> np.ndarray:
+    """pydicom's own modality LUT, in float64: what the node's values must equal."""
+    from pydicom.pixels import apply_modality_lut
+
+    return np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "stored_dtype, rescale, photometric, kept",
+    [
+        (np.uint16, None, "MONOCHROME2", np.uint16),  # no rescale: the stored integers
+        (np.uint16, (1.0, 0.0), "MONOCHROME2", np.uint16),
+        (np.uint16, (1.0, -1024.0), "MONOCHROME2", np.int32),  # an integer shift
+        (np.int16, (1.0, 0.0), "MONOCHROME1", np.int16),  # inverted over a full signed range
+        (np.uint16, (1.0, 0.0), "MONOCHROME1", np.uint16),  # max + min beyond 65535
+        (np.uint16, (0.5, 0.0), "MONOCHROME2", np.float32),  # fractions: float32
+    ],
+)
+def test_modality_values_keep_integers_and_equal_pydicoms(
+    tmp_path, stored_dtype, rescale, photometric, kept
+):
+    rng = np.random.default_rng(7)
+    info = np.iinfo(stored_dtype)
+    stored = rng.integers(info.min, info.max, (96, 96), endpoint=True).astype(stored_dtype)
+    stored[0, :2] = info.min, info.max  # the whole range: a mirror that must not wrap
+    ds = make_dataset(stored, bits_stored=16, photometric=photometric, rescale=rescale)
+    path = write(ds, tmp_path / "m.dcm")
+    decoded = load_image(path).pixels
+    assert decoded.dtype == kept
+    expected = _modality_values_by_pydicom(pydicom.dcmread(path))
+    if photometric == "MONOCHROME1":
+        expected = expected.max() + expected.min() - expected
+    np.testing.assert_array_equal(decoded.astype(np.float64), expected)

@@ -166,7 +166,7 @@ class TestOnTheGpu:
 
     def test_real_jpeg_baseline_radiograph_matches_the_cpu(self):
         path = SAMPLES / "siim_cr_negative.dcm"  # real CR, JPEG baseline
-        gpu = load_image(path).pixels
+        gpu = load_image(path).pixels.astype(np.int64)  # stored uint8: no wrap below
         gpu_decode.disable_gpu_decoding()
         cpu = load_image(path).pixels
         # Lossy JPEG: the IDCTs of nvJPEG and libjpeg may round differently by a grey level.

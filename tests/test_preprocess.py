@@ -131,8 +131,8 @@ def _window_in_float64(values: np.ndarray, lower: float, upper: float) -> np.nda
 
 _integer_images = st.tuples(
     st.sampled_from([np.uint8, np.uint16, np.int16, np.float32, np.float64]),
-    st.integers(1, 40),
-    st.integers(1, 40),
+    st.integers(1, 260),  # up to 67,600 pixels: the lookup runs in blocks of 32,768
+    st.integers(1, 260),
     st.integers(-40000, 40000),  # lowest value (clipped to the dtype)
     st.integers(0, 65535),  # spread
     st.integers(0, 2**32 - 1),

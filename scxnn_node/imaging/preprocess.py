@@ -100,7 +100,19 @@ def window_to_uint8(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if hi <= lo:  # a flat image: nothing to window
         return np.zeros(values.shape, dtype=np.uint8)
     lookup = _scale_to_uint8(np.arange(bins, dtype=np.float64) + lowest, lo, hi)
-    return np.take(lookup, offsets)
+    return _looked_up(lookup, offsets)
+
+
+def _looked_up(lookup: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """lookup[offsets], a few rows at a time: numpy widens the indices to intp first, and a
+    whole image's worth (50 MB at 2500 px) runs at memory speed; rows of about 32k pixels stay
+    in cache (measured, 2500 px: 11 ms against 37)."""
+    out = np.empty(offsets.shape, dtype=lookup.dtype)
+    flat_in, flat_out = offsets.reshape(-1), out.reshape(-1)
+    step = 1 << 15
+    for start in range(0, flat_in.size, step):
+        np.take(lookup, flat_in[start : start + step], out=flat_out[start : start + step])
+    return out
 
 
 def window_in_float64(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -139,6 +151,8 @@ def _integer_offsets(values: np.ndarray) -> tuple[np.ndarray, float, int] | None
     kind, wide = values.dtype.kind, values.dtype.itemsize > 2
     if kind == "i" or (kind == "u" and wide):  # subtracted in int64: no wrap
         return (values.astype(np.int64) - int(lowest)).astype(np.uint16), lowest, bins
+    if kind == "u" and lowest == 0:
+        return values, lowest, bins  # already the offsets
     # uint8/16 (every value >= lowest) or integers in float fewer than 2**16 apart: exact.
     return (values - values.dtype.type(lowest)).astype(np.uint16), lowest, bins
 
