@@ -94,6 +94,13 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _first_line(exc: Exception) -> str:
+    """An exception as a log line: its kind and the start of its message (Inductor's run to
+    pages of generated code)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 class InferenceEngine:
     """Runs a bundle's ensemble on preprocessed uint8 images of the bundle's size."""
 
@@ -143,9 +150,8 @@ class InferenceEngine:
             # auto's choice on CUDA; Inductor needs Triton and a C compiler on the machine.
             self.backend = "cuda_graph" if self.device.type == "cuda" else "eager"
             log.warning(
-                "torch.compile failed at engine start (%s: %s); serving with backend %s",
-                type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
+                "torch.compile failed at engine start (%s); serving with backend %s",
+                _first_line(exc),
                 self.backend,
             )
             self._build_and_warm_up()
@@ -185,10 +191,9 @@ class InferenceEngine:
                     raise
                 # An entry that fails to load would fail every start after this one.
                 log.warning(
-                    "compile cache %s unusable (%s: %s); cleared, compiling again",
+                    "compile cache %s unusable (%s); cleared, compiling again",
                     cache.directory,
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    _first_line(exc),
                 )
                 cache.clear()
                 self._build_members()
