@@ -19,12 +19,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch._dynamo
+from torch._inductor.utils import clear_inductor_caches
+
 from scxnn_node.atomic_file import fsync_path
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".compile.lock"
 WARMING_NAME = ".warming"
+# Inductor's own lock files: a worker recompiling outside our lock may hold one; never entries.
+INDUCTOR_LOCKS = "locks"
 
 
 class CompileCache:
@@ -41,8 +46,9 @@ class CompileCache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.directory)
 
     def entries(self) -> list[Path]:
-        """What Inductor has written here (our lock and marker aside)."""
-        return [p for p in self.directory.iterdir() if p.name not in (LOCK_NAME, WARMING_NAME)]
+        """What Inductor has written here (the locks, ours and its own, and the marker aside)."""
+        kept = (LOCK_NAME, WARMING_NAME, INDUCTOR_LOCKS)
+        return [p for p in self.directory.iterdir() if p.name not in kept]
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:
@@ -77,8 +83,5 @@ class CompileCache:
             else:
                 entry.unlink(missing_ok=True)
         fsync_path(self.directory)
-        import torch._dynamo
-        from torch._inductor.utils import clear_inductor_caches
-
         torch._dynamo.reset()
         clear_inductor_caches()
