@@ -209,6 +209,7 @@ def main() -> None:
         "(decode collection, SR, commits) runs side by side while the device computes",
     )
     parser.add_argument("--gpu-decode", choices=("auto", "off"), default="auto")
+    parser.add_argument("--gpu-preprocess", choices=("auto", "off"), default="auto")
     parser.add_argument(
         "--ingest-processes",
         type=int,
@@ -273,6 +274,7 @@ def main() -> None:
             "studies_in_flight": args.studies_in_flight,
             "decode_processes": args.decode_processes,
             "gpu_decode": args.gpu_decode,
+            "gpu_preprocess": args.gpu_preprocess,
         },
     )
     (root / "node").mkdir(parents=True, exist_ok=True)
@@ -341,9 +343,7 @@ def main() -> None:
 
     bundle = load_bundle(args.bundle)
     spec = bundle.manifest.preprocessing
-    engine = InferenceEngine(
-        bundle, config.engine_options(args.device)
-    )
+    engine = InferenceEngine(bundle, config.engine_options(args.device))
     print(f"bare engine ready in {engine.start_seconds:.1f} s", flush=True)
     # Decoded here on the CPU: a sample of the burst (a 2500 px JPEG 2000 costs about half a CPU
     # second), repeated to the burst's length for the engine.
@@ -376,6 +376,7 @@ def main() -> None:
             "studies_in_flight": args.studies_in_flight,
             "decode_processes": args.decode_processes,
             "gpu_decode": args.gpu_decode,
+            "gpu_preprocess": args.gpu_preprocess,
             "engine_backend": engine.backend,
             "engine_batch_size": engine.batch_size,
             "member_streams": args.member_streams,
@@ -427,7 +428,8 @@ def main() -> None:
         f"bundle {figures['bundle']} ({bundle.manifest.architecture}, {spec.size} px) on "
         f"{args.device}; instances {template.Rows} px {figures['source']['transfer_syntax']}; "
         f"{args.workers_per_device} worker(s), each {args.studies_in_flight} studies in flight and "
-        f"{args.decode_processes} decode processes (GPU decode {args.gpu_decode}); engine "
+        f"{args.decode_processes} decode processes (GPU decode {args.gpu_decode}, GPU "
+        f"preprocessing {args.gpu_preprocess}); engine "
         f"{engine.backend}, batch {engine.batch_size}; {args.senders} sender(s), "
         f"{args.ingest_processes} ingest process(es); "
         f"load average {figures['load_average_1m']:.1f} on {os.cpu_count()} CPUs"

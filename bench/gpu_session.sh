@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One prepared GPU session (about 8 minutes of device time on an H100), writing logs and JSON to
-# $OUT (or --out DIR), at most 8 files:
-#   0. tests.log: the GPU tests (tests/test_gpu_engine.py, tests/test_gpu_decode.py): every
-#      backend equal to eager, nvImageCodec's pixels equal to the CPU decoders';
+# $OUT (or --out DIR), a log and a JSON file per step:
+#   0. tests.log: the GPU tests (tests/test_gpu_engine.py, tests/test_gpu_decode.py,
+#      tests/test_device_preprocess.py): every backend equal to eager, nvImageCodec's pixels
+#      equal to the CPU decoders', preprocessing on CUDA equal to OpenCV's;
 #   1. inference.json: the 13-member DenseNet-121 ensemble at 1024 px (bench/inference.py):
 #      one member bf16 by autocast vs cast, where one member pass spends its time (profile),
 #      then a sweep of engines (backend, batch, streams, compile mode);
+#   1b. preprocess.json: a decode process's CPU and wall seconds per 2500 px instance with
+#      preprocessing (and JPEG 2000 decoding) on the device, against OpenCV (bench/preprocess.py);
 #   2. e2e.json: the whole node on the device (SCP, queue, pipelined workers, dispatcher to a
 #      loopback PACS) against the bare engine in the same run, 2500 px JPEG 2000 instances, with
 #      the fastest uncompiled engine of step 1 (bench/e2e.py);
@@ -19,7 +22,7 @@
 set -uo pipefail
 cpu=0
 kermany=0
-steps=tests,inference,e2e,training
+steps=tests,inference,preprocess,e2e,training
 out=${OUT:-/tmp/gpu-out}
 while [ $# -gt 0 ]; do
   case $1 in
@@ -42,7 +45,7 @@ if [ $cpu = 1 ]; then
   e2e=(--device cpu --small --studies 6 --latency-studies 2 --source-px 1500 --j2k)
   training=(--device cpu --arch densenet_small --size 128 --count 16 --batch 4 --epochs 1
     --workers 1)
-  t_tests=270 t_inference=480 t_e2e=480 t_training=180
+  t_tests=270 t_inference=480 t_e2e=480 t_training=180 t_preprocess=300
 else
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -74,6 +77,7 @@ else
     --workers 8)
   # Seconds per step: inference + e2e + tests fit one 10-minute device command.
   t_tests=${T_TESTS:-90} t_inference=${T_INFERENCE:-260} t_e2e=${T_E2E:-210} t_training=60
+  t_preprocess=${T_PREPROCESS:-45}
 fi
 $python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and \
 torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
@@ -100,10 +104,13 @@ step() {  # name, seconds, command...: log to $out/name.log, keep going after a 
 # 0. The GPU tests (skipped on a CPU).
 # TESTS_K picks some of them (pytest -k), where device time is short.
 step tests $t_tests $python -m pytest -q -p no:cacheprovider -rs -k "${TESTS_K:-}" \
-  tests/test_gpu_engine.py tests/test_gpu_decode.py
+  tests/test_gpu_engine.py tests/test_gpu_decode.py tests/test_device_preprocess.py
 # 1. Inference speed of the ensemble.
 step inference $t_inference $python bench/inference.py "${inference[@]}" \
   --json-out "$out/inference.json"
+# 1b. A decode process's work per instance with preprocessing on the device.
+step preprocess $t_preprocess $python bench/preprocess.py --device $device --repeats 3 \
+  --json-out "$out/preprocess.json"
 # 2. The whole node on the device against the bare engine, with step 1's fastest engine.
 if [ $cpu = 0 ]; then
   # Without step 1's figures: the winner of 2026-11-27 on an H200 (README, "Speed").

@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/preprocess.py                 # 2500 px 12-bit, raw and JPEG 2000
     .venv/bin/python bench/preprocess.py --source-px 3000 --repeats 8
+    python3 bench/preprocess.py --device cuda:0      # and the preprocessing on a GPU
 
 The instances are bench/e2e.py's: the shipped chest DX resized to --source-px, 12-bit, as a
 CR/DX detector gives, uncompressed and JPEG 2000 lossless. Prints CPU seconds per instance
 (process time, min over --repeats) of `load_image` (read + decode), `window_to_uint8` and
 `preprocess_image` on the decoded pixels, and `prepare_instance` (all of it, as a decode
 process runs it), and the same windowing done the float64 way (the definition) for comparison.
+With --device, also `preprocess_on_device` and `prepare_instance` preprocessing there (what a
+GPU worker's decode process runs; its CPU seconds include waiting for the device, which CUDA
+spends spinning), and their wall seconds.
 """
 
 from __future__ import annotations
@@ -34,14 +38,54 @@ from scxnn_node.imaging.preprocess import (
 from scxnn_node.triage import prepare_instance
 
 
-def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def cpu_seconds(
+    fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.process_time
+) -> float:
+    """The least `clock` seconds of `repeats` calls (after one warm-up call)."""
+    fn()
     times = []
     for _ in range(repeats):
-        start = time.process_time()
+        start = clock()
         fn()
-        times.append(time.process_time() - start)
+        times.append(clock() - start)
     return min(times)
+
+
+def report(what: str, repeats: int, figures: dict[str, float]) -> None:
+    print(
+        f"{what}, CPU s per instance (min of {repeats}): "
+        + ", ".join(f"{step} {seconds:.3f}" for step, seconds in figures.items())
+    )
+
+
+def device_figures(
+    device: str,
+    spec: PreprocessSpec,
+    instances: dict[str, Path],
+    repeats: int,
+    figures: dict[str, dict[str, float]],
+) -> None:
+    """Preprocessing on `device`, and the whole of a decode process's work on a CUDA device
+    (nvImageCodec decoding where installed): CPU and wall seconds."""
+    from scxnn_node.imaging.device_preprocess import preprocess_on_device
+    from scxnn_node.imaging.gpu_decode import enable_gpu_decoding
+
+    if device.startswith("cuda"):
+        enable_gpu_decoding(int(device.partition(":")[2] or 0))
+    for name, path in instances.items():
+        pixels = load_image(path).pixels
+        steps: dict[str, Callable[[], object]] = {
+            "preprocess_on_device": lambda x=pixels: preprocess_on_device(x, spec, device),
+            "prepare_instance_on_device": lambda p=path: prepare_instance(
+                p, spec, preprocess_device=device
+            ),
+        }
+        measured = {}
+        for step, fn in steps.items():
+            measured[step] = cpu_seconds(fn, repeats)
+            measured[f"{step}_wall"] = cpu_seconds(fn, repeats, time.perf_counter)
+        figures[name].update(measured)
+        report(f"on {device}, {name}", repeats, measured)
 
 
 def main() -> None:
@@ -51,12 +95,16 @@ def main() -> None:
     parser.add_argument("--source-px", type=int, default=2500)
     parser.add_argument("--size", type=int, default=1024, help="the bundle's input size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", help="a torch device to preprocess on as well (cuda:0)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     spec = PreprocessSpec(size=args.size)
+    instances = {
+        name: study_files(source_template(args.source_px, j2k), Path(tempfile.mkdtemp()), 1)[0]
+        for name, j2k in (("uncompressed", False), ("jpeg2000", True))
+    }
     figures: dict[str, dict[str, float]] = {}
-    for name, j2k in (("uncompressed", False), ("jpeg2000", True)):
-        (path,) = study_files(source_template(args.source_px, j2k), Path(tempfile.mkdtemp()), 1)
+    for name, path in instances.items():
         pixels = load_image(path).pixels
         steps: dict[str, Callable[[], object]] = {
             "load_image": lambda p=path: load_image(p),
@@ -66,10 +114,9 @@ def main() -> None:
             "prepare_instance": lambda p=path: prepare_instance(p, spec),
         }
         figures[name] = {step: cpu_seconds(fn, args.repeats) for step, fn in steps.items()}
-        print(
-            f"{args.source_px} px 12-bit, {name}, CPU s per instance (min of {args.repeats}): "
-            + ", ".join(f"{step} {seconds:.3f}" for step, seconds in figures[name].items())
-        )
+        report(f"{args.source_px} px 12-bit, {name}", args.repeats, figures[name])
+    if args.device:
+        device_figures(args.device, spec, instances, args.repeats, figures)
     if args.json_out:
         args.json_out.write_text(json.dumps({"source_px": args.source_px, **figures}, indent=2))
 

@@ -311,6 +311,9 @@ class WorkerSection(_Section):
     # auto: JPEG / JPEG 2000 decoded on the worker's CUDA device where nvImageCodec is installed
     # (imaging/gpu_decode.py), the CPU otherwise and for everything else; off: always the CPU.
     gpu_decode: Literal["auto", "off"] = "auto"
+    # auto: the thesis's preprocessing (window, pad, CLAHE, resize) on the worker's CUDA device,
+    # the same pixels as OpenCV's bit for bit (imaging/device_preprocess.py); off: the CPU.
+    gpu_preprocess: Literal["auto", "off"] = "auto"
 
 
 class SchedulerSection(_Section):
@@ -395,9 +398,7 @@ class NodeConfig(_Section):
 
     def engine_options(self, device: str) -> EngineOptions:
         """How a worker of this node on `device` runs its engine, caches included."""
-        return self.model.engine_options(
-            device, self.onnx_cache_dir(), self.compile_cache_dir()
-        )
+        return self.model.engine_options(device, self.onnx_cache_dir(), self.compile_cache_dir())
 
     def selection_policy(self, body_parts: list[str] | None = None) -> SelectionPolicy:
         """The image selection policy of the filters section (body parts overridable)."""

@@ -80,6 +80,7 @@ def decode_spooled_instance(
     study_instance_uid: str,
     spec: PreprocessSpec,
     policy: SelectionPolicy | None = None,
+    preprocess_device: str | None = None,
 ) -> DecodedInstance:
     """Read, check, select and preprocess one spooled instance. Only MemoryError escapes: a bad
     instance is a fact about that instance, not a failure of its study."""
@@ -88,7 +89,7 @@ def decode_spooled_instance(
         problem = identity_problem(ds, sop_instance_uid, study_instance_uid)
         if problem is not None:
             raise ValueError(problem)
-        return DecodedInstance(prepare_instance(ds, spec, policy))
+        return DecodedInstance(prepare_instance(ds, spec, policy, preprocess_device))
     except ImageRejected as exc:
         log.warning("instance %s not analysable: %s", short_hash(sop_instance_uid), exc)
         return DecodedInstance(
@@ -111,10 +112,14 @@ def _process_id_after(seconds: float) -> int:
 
 
 def _start_decode_process(
-    worker_pid: int, log_level: str, json_logs: bool, gpu_device: int | None
+    worker_pid: int,
+    log_level: str,
+    json_logs: bool,
+    gpu_device: int | None,
+    preprocess_device: str | None,
 ) -> None:
     """In each decode process: end with the worker, leave Ctrl-C to it, log as it does, decode
-    on the GPU where asked and possible."""
+    on the GPU where asked and possible, start the preprocessing device."""
     die_with_parent()
     if os.getppid() != worker_pid:  # the worker died before the line above took effect
         os._exit(1)
@@ -122,6 +127,10 @@ def _start_decode_process(
     configure_logging(log_level, json_logs)
     if gpu_device is not None:
         enable_gpu_decoding(gpu_device)
+    if preprocess_device is not None:
+        from scxnn_node.imaging.device_preprocess import warm_up  # torch only where asked
+
+        warm_up(preprocess_device)
 
 
 class DecodePool:
@@ -135,10 +144,12 @@ class DecodePool:
         log_level: str = "INFO",
         json_logs: bool = False,
         gpu_device: int | None = None,  # CUDA device index to decode JPEG / JPEG 2000 on
+        preprocess_device: str | None = None,  # torch device to preprocess on ("cuda:0")
     ) -> None:
         self.processes = processes
         self._logging = (log_level, json_logs)
         self.gpu_device = gpu_device
+        self.preprocess_device = preprocess_device
         self._executor: ProcessPoolExecutor | None = None
         self._executor_lock = threading.Lock()  # engine and conclusion threads submit
         if processes == 0 and gpu_device is not None:
@@ -152,7 +163,7 @@ class DecodePool:
         spec: PreprocessSpec,
         policy: SelectionPolicy | None,
     ) -> Future[DecodedInstance]:
-        args = (path, sop_instance_uid, study_instance_uid, spec, policy)
+        args = (path, sop_instance_uid, study_instance_uid, spec, policy, self.preprocess_device)
         if self.processes == 0:
             done: Future[DecodedInstance] = Future()
             try:
@@ -206,7 +217,7 @@ class DecodePool:
                     self.processes,
                     mp_context=mp.get_context("spawn"),
                     initializer=_start_decode_process,
-                    initargs=(os.getpid(), *self._logging, self.gpu_device),
+                    initargs=(os.getpid(), *self._logging, self.gpu_device, self.preprocess_device),
                 )
             return self._executor
 

@@ -3,7 +3,8 @@
 The CLI's `infer` and the node's worker both call `prepare_instance` and `triage_study` (the
 worker's pipeline `triage_studies`, several studies in one pass of the engine), so there is one
 path from pixels to verdict and it always uses the bundle's preprocessing spec. No torch is
-imported here: the worker's decode processes use `prepare_instance` alone.
+imported here: the worker's decode processes use `prepare_instance` alone (and import torch
+only to preprocess on a GPU).
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ def prepare_instance(
     source: str | Path | BinaryIO | Dataset,
     spec: PreprocessSpec,
     policy: SelectionPolicy | None = None,
+    preprocess_device: str | None = None,
 ) -> PreparedInstance:
-    """Read, select and preprocess one instance. Raises ImageRejected for unusable pixels."""
+    """Read, select and preprocess one instance. Raises ImageRejected for unusable pixels.
+    `preprocess_device` (a torch device, "cuda:0"): preprocess there, the same pixels
+    (imaging/device_preprocess.py); None: OpenCV on the CPU."""
     ds = source if isinstance(source, Dataset) else read_dataset(source)
     study = str(ds.get("StudyInstanceUID", "") or "")
     sop = str(ds.get("SOPInstanceUID", "") or "")
@@ -56,7 +60,12 @@ def prepare_instance(
     if not eligibility.analyse:
         return PreparedInstance(study, sop, None, eligibility.reason, eligibility.flags)
     decoded = decode_pixels(ds)
-    image, windowed_mean = preprocess_with_windowed_mean(decoded.pixels, spec)
+    if preprocess_device is None:
+        image, windowed_mean = preprocess_with_windowed_mean(decoded.pixels, spec)
+    else:  # torch is imported only where asked: decode processes of a GPU worker
+        from scxnn_node.imaging.device_preprocess import preprocess_or_fall_back
+
+        image, windowed_mean = preprocess_or_fall_back(decoded.pixels, spec, preprocess_device)
     return PreparedInstance(
         study, sop, image, None, eligibility.flags, decoded.dataset, windowed_mean
     )

@@ -124,9 +124,7 @@ class TriageWorker:
         self.spool = Spool(config.storage.spool_dir)
         self.bundle = bundle or load_bundle(config.model.bundle)
         self.manifest = self.bundle.manifest
-        self.engine = InferenceEngine(
-            self.bundle, config.engine_options(device)
-        )
+        self.engine = InferenceEngine(self.bundle, config.engine_options(device))
         self.owner = workers.worker_owner(os.getpid(), device)
         self.identity = workers.WorkerIdentity(
             self.owner, socket.gethostname(), os.getpid(), device, self.manifest.version
@@ -149,12 +147,16 @@ class TriageWorker:
         }
         self.hl7_destinations = [d for d in config.destinations if isinstance(d, Hl7Destination)]
         self.stop_requested = threading.Event()  # run() replaces it with its stop event
-        gpu = device.startswith("cuda") and config.worker.gpu_decode == "auto"
+        cuda = device.startswith("cuda")
+        cuda_index = self.engine.device.index or 0
         self.decode_pool = DecodePool(
             config.worker.decode_processes,
             config.logging.level,
             config.logging.json_format,
-            gpu_device=self.engine.device.index or 0 if gpu else None,
+            gpu_device=cuda_index if cuda and config.worker.gpu_decode == "auto" else None,
+            preprocess_device=(
+                f"cuda:{cuda_index}" if cuda and config.worker.gpu_preprocess == "auto" else None
+            ),
         )
         self._leases: dict[int, _Lease] = {}  # job id -> lease, for every job held
         self._leases_lock = threading.Lock()
@@ -657,4 +659,3 @@ def _raising(exc: Exception) -> Callable[[], Triaged]:
         raise exc
 
     return step
-
