@@ -84,6 +84,11 @@ def device_figures(
         for step, fn in steps.items():
             measured[step] = cpu_seconds(fn, repeats)
             measured[f"{step}_wall"] = cpu_seconds(fn, repeats, time.perf_counter)
+        if device.startswith("cuda"):
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(device)
+            measured["peak_device_memory_mib"] = peak / (1 << 20)
         figures[name].update(measured)
         report(f"on {device}, {name}", repeats, measured)
 

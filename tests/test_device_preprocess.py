@@ -143,6 +143,18 @@ def test_area_resize_is_opencvs(side: int, size: int, device: str):
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("shape", [(61, 61), (200, 37), (37, 200), (130, 131)])
+def test_clahe_in_blocks_of_a_few_rows_is_opencvs(shape: tuple[int, int], monkeypatch):
+    """Images far larger than a block are done block by block: blocks of 97 pixels (one row,
+    or a few, ending anywhere in a tile) must give the pixels of one block."""
+    monkeypatch.setattr(device_preprocess, "_BLOCK_PIXELS", 97)
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    for grid in (1, 3, 8):
+        expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(grid, grid)).apply(image)
+        got = clahe_as_opencv(torch.from_numpy(image), 2.0, grid).numpy()
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_area_resize_refuses_what_it_does_not_shrink():
     with pytest.raises(ValueError, match="shrinks a square image"):
         resize_area_as_opencv(torch.zeros((10, 12), dtype=torch.uint8), 4)
@@ -166,6 +178,34 @@ def test_a_failing_device_preprocesses_on_the_cpu(caplog, monkeypatch):
     assert len(failures) == 1
     with pytest.raises(ValueError, match="2-D grayscale"):
         preprocess_or_fall_back(np.zeros((4, 4, 3), np.uint8), spec, "cpu")
+
+
+def test_an_image_beyond_the_devices_memory_goes_to_the_cpu_alone(caplog, monkeypatch):
+    """Out of device memory is about one image (the process's share of the device is capped):
+    that image is preprocessed on the CPU, the next ones on the device again. The device's
+    refusal is played by a stand-in: no CUDA device here."""
+    monkeypatch.setattr(device_preprocess, "_failed_on", set())
+    calls = []
+    on_device = device_preprocess.preprocess_on_device
+
+    def first_out_of_memory(pixels, spec, device):
+        calls.append(pixels.shape)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return on_device(pixels, spec, "cpu")
+
+    monkeypatch.setattr(device_preprocess, "preprocess_on_device", first_out_of_memory)
+    pixels = load_image(DATA / "nih_dx_no_finding.dcm").pixels
+    spec = PreprocessSpec(size=128)
+    expected, _ = preprocess_with_windowed_mean(pixels, spec)
+    with caplog.at_level(logging.WARNING, logger=device_preprocess.__name__):
+        for _ in range(3):
+            np.testing.assert_array_equal(
+                preprocess_or_fall_back(pixels, spec, "cuda:0")[0], expected
+            )
+    assert len(calls) == 3  # the device was asked again after the refusal
+    assert "cuda:0" not in device_preprocess._failed_on
+    assert [r.message for r in caplog.records if "out of this process's device memory" in r.message]
 
 
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.stem)

@@ -31,6 +31,12 @@ from scxnn_node.imaging.preprocess import (
 log = logging.getLogger(__name__)
 
 _HISTOGRAM_BINS = 256  # uint8 images: OpenCV's histSize
+_BLOCK_PIXELS = 1 << 20
+# A decode process's share of the device. What an image needs, counted from the tensors held at
+# once (bench/preprocess.py --device cuda:0 prints the peak): about 0.1 GiB at 3000 px and
+# 0.6 GiB at 8192 px, the largest side decode.py accepts; beyond the share an image goes to
+# the CPU.
+DEVICE_MEMORY_BYTES = 1 << 30
 _failed_on: set[str] = set()  # devices that failed in this process (logged once each)
 
 
@@ -38,14 +44,23 @@ def preprocess_or_fall_back(
     pixels: np.ndarray, spec: PreprocessSpec, device: str
 ) -> tuple[np.ndarray, float]:
     """`preprocess_on_device`, or the CPU's `preprocess_with_windowed_mean` where the device
-    fails (lost, out of memory): the same pixels either way, so a device fault costs time,
-    never an instance."""
+    cannot: the same pixels either way, so a device fault costs time, never an instance. Out
+    of memory (an image beyond this process's share of the device) sends that image to the
+    CPU; any other failure (a lost device) the rest of this process's images."""
     if device in _failed_on or pixels.ndim != 2:  # the CPU path names a wrong shape
         return preprocess_with_windowed_mean(pixels, spec)
     try:
         return preprocess_on_device(pixels, spec, device)
     except MemoryError:
         raise
+    except torch.cuda.OutOfMemoryError:
+        log.warning(
+            "preprocessing a %dx%d image on %s: out of this process's device memory; that "
+            "image on the CPU",
+            *pixels.shape,
+            device,
+        )
+        torch.cuda.empty_cache()
     except Exception as exc:
         _failed_on.add(device)
         log.warning(
@@ -54,14 +69,18 @@ def preprocess_or_fall_back(
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )
-        return preprocess_with_windowed_mean(pixels, spec)
+    return preprocess_with_windowed_mean(pixels, spec)
 
 
 def warm_up(device: str) -> None:
-    """Start `device` (a CUDA context takes seconds) before the first instance waits for it."""
-    preprocess_or_fall_back(
-        np.arange(64, dtype=np.uint16).reshape(8, 8), PreprocessSpec(32), device
-    )
+    """Start `device` before the first instance waits for it (a CUDA context takes seconds),
+    and hold this process to DEVICE_MEMORY_BYTES of it: the engine shares the device with
+    several decode processes, and each one's cache keeps what its largest image took."""
+    if torch.device(device).type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, DEVICE_MEMORY_BYTES / total), device)
+    tiny = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    preprocess_or_fall_back(tiny, PreprocessSpec(size=32), device)
 
 
 def preprocess_on_device(
@@ -102,22 +121,30 @@ def _windowed_on_device(
     if highest - lowest >= 1 << 16:
         windowed, mean = windowed_with_mean(values, spec)
         return torch.from_numpy(windowed).to(device), mean
-    offsets = (image - lowest).reshape(-1)
-    counts = torch.bincount(offsets, minlength=highest - lowest + 1).cpu().numpy()
-    lookup, mean = integer_window(counts, float(lowest), spec)
-    windowed = torch.from_numpy(lookup).to(device)[offsets]
-    return windowed.reshape(values.shape), mean
+    offsets = (image - lowest).to(torch.int32)
+    del image  # the device memory a decode process holds is its largest image's
+    counts = torch.bincount(offsets.reshape(-1), minlength=highest - lowest + 1)
+    lookup, mean = integer_window(counts.cpu().numpy(), float(lowest), spec)
+    return torch.from_numpy(lookup).to(device)[offsets], mean
 
 
 def _integers_on_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The image as int64 on `device`. 16-bit unsigned travels as its own 2 bytes (viewed as
-    int16, which every torch device handles) and is widened there."""
+    """The image as int32 on `device` (int64 for 32-bit stored values). 16-bit unsigned
+    travels as its own 2 bytes (viewed as int16, which every torch device handles) and is
+    widened there."""
     if values.dtype == np.uint16:
         raw = torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).to(device)
-        return raw.to(torch.int64) & 0xFFFF
+        return raw.to(torch.int32).bitwise_and_(0xFFFF)
     if values.dtype.itemsize > 4 or values.dtype == np.uint32:  # rare: 32-bit stored values
         return torch.from_numpy(values.astype(np.int64)).to(device)
-    return torch.from_numpy(np.ascontiguousarray(values)).to(device).to(torch.int64)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device).to(torch.int32)
+
+
+def _row_blocks(height: int, width: int) -> list[tuple[int, int]]:
+    """Rows in blocks of about a million pixels: the temporaries of a step stay tens of MB
+    whatever the image (each pixel's arithmetic is its own, so the result is the same)."""
+    rows = max(1, _BLOCK_PIXELS // max(width, 1))
+    return [(start, min(start + rows, height)) for start in range(0, height, rows)]
 
 
 def clahe_as_opencv(image: torch.Tensor, clip_limit: float, tile_grid: int) -> torch.Tensor:
@@ -142,11 +169,13 @@ def clahe_as_opencv(image: torch.Tensor, clip_limit: float, tile_grid: int) -> t
     tile_height, tile_width = for_lookup.shape[0] // tiles, for_lookup.shape[1] // tiles
     area = tile_height * tile_width
 
-    tile_rows = torch.arange(for_lookup.shape[0], device=device) // tile_height
-    tile_columns = torch.arange(for_lookup.shape[1], device=device) // tile_width
-    tile_of_pixel = tile_rows[:, None] * tiles + tile_columns[None, :]
-    keys = (tile_of_pixel * _HISTOGRAM_BINS + for_lookup.to(torch.int64)).reshape(-1)
-    histograms = torch.bincount(keys, minlength=tiles * tiles * _HISTOGRAM_BINS)
+    tile_columns = (torch.arange(for_lookup.shape[1], device=device) // tile_width).to(torch.int32)
+    histograms = torch.zeros(tiles * tiles * _HISTOGRAM_BINS, dtype=torch.int64, device=device)
+    for start, end in _row_blocks(*for_lookup.shape):
+        tile_rows = (torch.arange(start, end, device=device) // tile_height).to(torch.int32)
+        tile_of_pixel = tile_rows[:, None] * tiles + tile_columns[None, :]
+        keys = tile_of_pixel * _HISTOGRAM_BINS + for_lookup[start:end].to(torch.int32)
+        histograms += torch.bincount(keys.reshape(-1), minlength=histograms.numel())
     histograms = histograms.reshape(tiles * tiles, _HISTOGRAM_BINS)
 
     limit = max(int(float(clip_limit) * area / _HISTOGRAM_BINS), 1)
@@ -161,20 +190,36 @@ def clahe_as_opencv(image: torch.Tensor, clip_limit: float, tile_grid: int) -> t
     scale = np.float32(_HISTOGRAM_BINS - 1) / np.float32(area)
     lookups = _rounded_uint8(torch.cumsum(histograms, dim=1).to(torch.float32) * float(scale))
 
-    row_tiles = _blend_axis(height, tile_height, tiles, device)
-    column_tiles = _blend_axis(width, tile_width, tiles, device)
+    above, below, weight_below, weight_above = _blend_axis(height, tile_height, tiles, device)
+    left, right, weight_right, weight_left = _blend_axis(width, tile_width, tiles, device)
     flat = lookups.to(torch.float32).reshape(-1)
-    values = image.to(torch.int64)
+    out = torch.empty_like(image)
+    for start, end in _row_blocks(height, width):
+        values = image[start:end].to(torch.int32)
+        top, bottom = above[start:end], below[start:end]
+        upper = (
+            _looked_up(flat, tiles, top, left, values) * weight_left
+            + _looked_up(flat, tiles, top, right, values) * weight_right
+        )
+        lower = (
+            _looked_up(flat, tiles, bottom, left, values) * weight_left
+            + _looked_up(flat, tiles, bottom, right, values) * weight_right
+        )
+        blended = upper * weight_above[start:end, None] + lower * weight_below[start:end, None]
+        out[start:end] = _rounded_uint8(blended)
+    return out
 
-    def looked_up(tile_row: torch.Tensor, tile_column: torch.Tensor) -> torch.Tensor:
-        tile = tile_row[:, None] * tiles + tile_column[None, :]
-        return flat[tile * _HISTOGRAM_BINS + values]
 
-    above, below, weight_below, weight_above = row_tiles
-    left, right, weight_right, weight_left = column_tiles
-    upper = looked_up(above, left) * weight_left + looked_up(above, right) * weight_right
-    lower = looked_up(below, left) * weight_left + looked_up(below, right) * weight_right
-    return _rounded_uint8(upper * weight_above[:, None] + lower * weight_below[:, None])
+def _looked_up(
+    lookups: torch.Tensor,
+    tiles: int,
+    tile_rows: torch.Tensor,
+    tile_columns: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """Each pixel's value through the lookup of its tile (one row and one column per pixel)."""
+    tile = tile_rows[:, None] * tiles + tile_columns[None, :]
+    return lookups[tile * _HISTOGRAM_BINS + values]
 
 
 def _reflected_101(size: int, extended: int, device: torch.device) -> torch.Tensor:
@@ -197,7 +242,7 @@ def _blend_axis(
     position = torch.arange(size, device=device, dtype=torch.float32) * inverse - 0.5
     first = torch.floor(position)
     weight = position - first
-    first_tile = first.to(torch.int64)
+    first_tile = first.to(torch.int32)
     second_tile = (first_tile + 1).clamp(max=tiles - 1)
     return first_tile.clamp(min=0), second_tile, weight, 1.0 - weight
 
@@ -228,10 +273,9 @@ def resize_area_as_opencv(image: torch.Tensor, size: int) -> torch.Tensor:
         return _rounded_uint8(sums.to(torch.float32) * scale)
     sources, weights = _area_cells(side, size)
     sources, weights = sources.to(image.device), weights.to(image.device)
-    pixels = image.to(torch.float32)
     across = torch.zeros((side, size), dtype=torch.float32, device=image.device)
     for k in range(sources.shape[1]):  # padding entries weigh 0 and come last: no change
-        across = across + pixels[:, sources[:, k]] * weights[:, k]
+        across = across + image[:, sources[:, k]].to(torch.float32) * weights[:, k]
     out = torch.zeros((size, size), dtype=torch.float32, device=image.device)
     for k in range(sources.shape[1]):
         out = out + across[sources[:, k], :] * weights[:, k, None]
