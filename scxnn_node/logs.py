@@ -30,9 +30,7 @@ def short_hash(value: str) -> str:
 def _is_identifier(token: str) -> bool:
     """A UID-shaped token that can identify a patient or study: long enough to be a real UID
     (an IPv4 address or a version number is not one) and outside the standard's own root."""
-    return (len(token) >= 16 or token.count(".") >= 4) and not token.startswith(
-        _STANDARD_UID_ROOT
-    )
+    return (len(token) >= 16 or token.count(".") >= 4) and not token.startswith(_STANDARD_UID_ROOT)
 
 
 def hash_uids(text: str) -> str:
@@ -42,9 +40,11 @@ def hash_uids(text: str) -> str:
         lambda m: short_hash(m.group()) if _is_identifier(m.group()) else m.group(), text
     )
     return _QUOTED_VALUE.sub(
-        lambda m: m.group(1)
-        + (m.group(2) if m.group(2).startswith(_STANDARD_UID_ROOT) else short_hash(m.group(2)))
-        + m.group(3),
+        lambda m: (
+            m.group(1)
+            + (m.group(2) if m.group(2).startswith(_STANDARD_UID_ROOT) else short_hash(m.group(2)))
+            + m.group(3)
+        ),
         text,
     )
 
@@ -89,6 +89,13 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info or record.exc_text:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def exception_line(exc: BaseException) -> str:
+    """An exception as a log line: its kind and the start of its message (Inductor's and CUDA's
+    run to pages)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def configure_logging(level: str = "INFO", json_format: bool = False) -> None:

@@ -208,6 +208,20 @@ def test_an_image_beyond_the_devices_memory_goes_to_the_cpu_alone(caplog, monkey
     assert [r.message for r in caplog.records if "out of this process's device memory" in r.message]
 
 
+def test_a_device_that_cannot_start_is_not_used(caplog, monkeypatch):
+    """No such CUDA device (index 99, on any machine): the start says so and never raises, and
+    every image is preprocessed on the CPU without asking the device again."""
+    monkeypatch.setattr(device_preprocess, "_failed_on", set())
+    with caplog.at_level(logging.WARNING, logger=device_preprocess.__name__):
+        device_preprocess.warm_up("cuda:99")
+    assert "cuda:99" in device_preprocess._failed_on
+    assert [r for r in caplog.records if "cuda:99 did not start" in r.message]
+    pixels = load_image(DATA / "siim_cr_negative.dcm").pixels
+    spec = PreprocessSpec(size=64)
+    got, _ = preprocess_or_fall_back(pixels, spec, "cuda:99")
+    np.testing.assert_array_equal(got, preprocess_with_windowed_mean(pixels, spec)[0])
+
+
 @pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: p.stem)
 def test_prepare_instance_on_a_device_is_the_same_instance(path: Path):
     spec = PreprocessSpec(size=256)
@@ -218,16 +232,23 @@ def test_prepare_instance_on_a_device_is_the_same_instance(path: Path):
     assert on_device.flags == on_cpu.flags
 
 
-def test_a_decode_process_preprocessing_on_a_device_gives_the_inline_pixels(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda:99"])
+def test_a_decode_process_preprocessing_on_a_device_gives_the_inline_pixels(tmp_path, device):
     """The pool's own processes (spawned, torch imported there only for this) with a
-    preprocessing device: the same prepared image as a decode inline on the CPU."""
-    ds = make_dataset(chest_pixels(300, seed=4)[:, :260])
-    path = write(ds, tmp_path / "instance.dcm")
-    args = (path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), PreprocessSpec(size=128))
-    inline = decode_spooled_instance(*args)
-    with DecodePool(1, preprocess_device="cpu") as pool:
+    preprocessing device, one that works and one that cannot start: the same prepared images
+    as decodes inline on the CPU, and the pool stays whole."""
+    spec = PreprocessSpec(size=128)
+    jobs = []
+    for seed in range(3):
+        ds = make_dataset(chest_pixels(300, seed=seed)[:, :260])
+        path = write(ds, tmp_path / f"instance{seed}.dcm")
+        jobs.append((path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), spec))
+    with DecodePool(1, preprocess_device=device) as pool:
         pool.start()
-        decoded = pool.submit(*args, None).result(timeout=120)
-    assert decoded.unusable is None and inline.unusable is None
-    np.testing.assert_array_equal(decoded.prepared.image, inline.prepared.image)
-    assert decoded.prepared.windowed_mean == inline.prepared.windowed_mean
+        decoded = [pool.submit(*job, None).result(timeout=120) for job in jobs]
+        assert pool._executor is not None and not pool._executor._broken
+    for job, there in zip(jobs, decoded, strict=True):
+        inline = decode_spooled_instance(*job)
+        assert there.unusable is None and inline.unusable is None
+        np.testing.assert_array_equal(there.prepared.image, inline.prepared.image)
+        assert there.prepared.windowed_mean == inline.prepared.windowed_mean

@@ -27,6 +27,7 @@ from scxnn_node.imaging.preprocess import (
     square_padding,
     windowed_with_mean,
 )
+from scxnn_node.logs import exception_line
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,9 @@ def preprocess_or_fall_back(
     except Exception as exc:
         _failed_on.add(device)
         log.warning(
-            "preprocessing on %s failed (%s: %s); preprocessing on the CPU in this process",
+            "preprocessing on %s failed (%s); preprocessing on the CPU in this process",
             device,
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
+            exception_line(exc),
         )
     return preprocess_with_windowed_mean(pixels, spec)
 
@@ -75,10 +75,21 @@ def preprocess_or_fall_back(
 def warm_up(device: str) -> None:
     """Start `device` before the first instance waits for it (a CUDA context takes seconds),
     and hold this process to DEVICE_MEMORY_BYTES of it: the engine shares the device with
-    several decode processes, and each one's cache keeps what its largest image took."""
-    if torch.device(device).type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, DEVICE_MEMORY_BYTES / total), device)
+    several decode processes, and each one's cache keeps what its largest image took. Never
+    raises (it runs as a decode process starts): a device that cannot start is not used."""
+    try:
+        if torch.device(device).type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            share = min(1.0, DEVICE_MEMORY_BYTES / total)
+            torch.cuda.set_per_process_memory_fraction(share, device)
+    except Exception as exc:
+        _failed_on.add(device)
+        log.warning(
+            "preprocessing device %s did not start (%s); preprocessing on the CPU",
+            device,
+            exception_line(exc),
+        )
+        return
     tiny = np.arange(64, dtype=np.uint16).reshape(8, 8)
     preprocess_or_fall_back(tiny, PreprocessSpec(size=32), device)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from scxnn_node.logs import exception_line
 from scxnn_node.model.bundle import Bundle
 from scxnn_node.model.compile_cache import CompileCache
 from scxnn_node.model.cuda_graph import GraphedEnsemble
@@ -94,13 +95,6 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _first_line(exc: Exception) -> str:
-    """An exception as a log line: its kind and the start of its message (Inductor's run to
-    pages of generated code)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
 class InferenceEngine:
     """Runs a bundle's ensemble on preprocessed uint8 images of the bundle's size."""
 
@@ -151,7 +145,7 @@ class InferenceEngine:
             self.backend = "cuda_graph" if self.device.type == "cuda" else "eager"
             log.warning(
                 "torch.compile failed at engine start (%s); serving with backend %s",
-                _first_line(exc),
+                exception_line(exc),
                 self.backend,
             )
             self._build_and_warm_up()
@@ -193,7 +187,7 @@ class InferenceEngine:
                 log.warning(
                     "compile cache %s unusable (%s); cleared, compiling again",
                     cache.directory,
-                    _first_line(exc),
+                    exception_line(exc),
                 )
                 cache.clear()
                 self._build_members()
