@@ -70,9 +70,11 @@ else
     --member-batch 16 --peak-gflops 989000
     --sweep "${SWEEP:-cuda_graph:32:4,compile:32:4}")
   [ "${PROFILE_COMPILED:-0}" = 1 ] && inference+=(--profile-compiled)
+  # E2E_WORKERS: workers sharing the device (each one process, one GIL: about 18 studies/s of
+  # its own CPU work at most, README "Speed"); each holds its engine's activations.
   e2e=(--device cuda:0 --untrained densenet121 --size 1024 --studies 128 --latency-studies 3
-    --source-px 2500 --j2k --workers-per-device 3 --studies-in-flight 32 --decode-processes 4
-    --ingest-processes 4 --senders 4)
+    --source-px 2500 --j2k --workers-per-device "${E2E_WORKERS:-3}" --studies-in-flight 32
+    --decode-processes 4 --ingest-processes 4 --senders 4)
   training=(--device cuda --arch densenet121 --size 1024 --count 96 --batch 4 --epochs 2
     --workers 8)
   # Seconds per step: inference + e2e + tests fit one 10-minute device command.
