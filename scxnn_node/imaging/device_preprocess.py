@@ -5,7 +5,7 @@ CUDA by bench/gpu_session.sh).
 
 Why: on a GPU node the decode processes are the bound (README "On a GPU"), and of an
 instance's CPU time beside a GPU decode, CLAHE on the full padded image and the area resize
-are most. Here they cost the CPU a copy to the device and a few dozen kernel launches.
+are most. Here they cost the CPU a copy to the device and about a hundred kernel launches.
 Each step keeps OpenCV's float32 operations in OpenCV's order, one torch operation each (no
 fusing, which could contract a multiply and an add and round differently).
 """
@@ -23,6 +23,7 @@ from scxnn_node.imaging.preprocess import (
     PreprocessSpec,
     integer_window,
     preprocess_with_windowed_mean,
+    require_grayscale,
     resized_to_spec,
     square_padding,
     windowed_with_mean,
@@ -75,8 +76,10 @@ def preprocess_or_fall_back(
 def warm_up(device: str) -> None:
     """Start `device` before the first instance waits for it (a CUDA context takes seconds),
     and hold this process to DEVICE_MEMORY_BYTES of it: the engine shares the device with
-    several decode processes, and each one's cache keeps what its largest image took. Never
-    raises (it runs as a decode process starts): a device that cannot start is not used."""
+    several decode processes, and each one's cache keeps what its largest image took. For
+    decode processes only (the cap is the whole process's; a worker preprocessing inline does
+    not call it). Never raises (it runs as a decode process starts): a device that cannot
+    start is not used."""
     try:
         if torch.device(device).type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
@@ -98,10 +101,7 @@ def preprocess_on_device(
     pixels: np.ndarray, spec: PreprocessSpec, device: torch.device | str
 ) -> tuple[np.ndarray, float]:
     """`preprocess_with_windowed_mean`, computed on `device`: the same image and mean."""
-    if pixels.ndim != 2:
-        raise ValueError(
-            f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}"
-        )
+    require_grayscale(pixels)
     device = torch.device(device)
     unpadded, windowed_mean = _windowed_on_device(np.asarray(pixels), spec, device)
     height, width = unpadded.shape

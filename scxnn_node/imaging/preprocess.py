@@ -221,16 +221,20 @@ def preprocess_with_windowed_mean(
 ) -> tuple[np.ndarray, float]:
     """`preprocess_image`, and the mean intensity (0..255) of the image after windowing, before
     padding and CLAHE: the input statistic drift watch compares with the bundle's."""
-    if pixels.ndim != 2:
-        raise ValueError(
-            f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}"
-        )
+    require_grayscale(pixels)
     unpadded, windowed_mean = windowed_with_mean(pixels, spec)
     clahe = cv2.createCLAHE(
         clipLimit=float(spec.clahe_clip_limit),
         tileGridSize=(spec.clahe_tile_grid, spec.clahe_tile_grid),
     )
     return resized_to_spec(clahe.apply(pad_to_square(unpadded)), spec), windowed_mean
+
+
+def require_grayscale(pixels: np.ndarray) -> None:
+    if pixels.ndim != 2:
+        raise ValueError(
+            f"preprocess_image expects a 2-D grayscale array, got shape {pixels.shape}"
+        )
 
 
 def resized_to_spec(square: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
