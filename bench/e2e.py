@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.config import NodeSection
 from scxnn_node.logs import configure_logging
-from scxnn_node.node import Node
+from scxnn_node.node import Node, ProcessRole
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
 from scxnn_node.testing.node_process import cpu_seconds, descendants
@@ -132,14 +132,19 @@ def send_concurrently(storescu: Storescu, port: int, files: list[Path], senders:
 
 def cpu_by_role(node: Node) -> dict[str, float]:
     """CPU seconds so far of the node's processes by role: serve (this process: SCP when it is
-    the only ingest process, scheduler, dispatcher, and the bench's own polling), ingest
-    processes, workers, and the workers' decode processes. The DICOM peers are left out."""
-    roles = {"serve": cpu_seconds(os.getpid()), "ingest": 0.0, "worker": 0.0, "decode": 0.0}
-    for _name, device, pid in node.process_ids():
-        if device is None:
-            roles["ingest"] += cpu_seconds(pid)
-        else:
-            roles["worker"] += cpu_seconds(pid)
+    the only ingest process, the scheduler, the dispatcher without dispatch processes, and the
+    bench's own polling), ingest processes, dispatch processes, workers, and the workers'
+    decode processes. The DICOM peers are left out."""
+    roles = {
+        "serve": cpu_seconds(os.getpid()),
+        "ingest": 0.0,
+        "dispatch": 0.0,
+        "worker": 0.0,
+        "decode": 0.0,
+    }
+    for _name, role, pid in node.process_ids():
+        roles[role.value] += cpu_seconds(pid)
+        if role == ProcessRole.WORKER:
             roles["decode"] += sum(cpu_seconds(child) for child in descendants(pid))
     return roles
 
@@ -217,6 +222,12 @@ def main() -> None:
         help="node.ingest_processes (default: the node's)",
     )
     parser.add_argument(
+        "--dispatch-processes",
+        type=int,
+        default=NodeSection.model_fields["dispatch_processes"].default,
+        help="node.dispatch_processes (default: the node's; 0 sends from the serve process)",
+    )
+    parser.add_argument(
         "--senders", type=int, default=1, help="concurrent storescu senders for the burst"
     )
     parser.add_argument(
@@ -249,7 +260,10 @@ def main() -> None:
     pacs = pacs_class(root / "pacs").start()
     config = node_config(
         root / "node",
-        node={"ingest_processes": args.ingest_processes},
+        node={
+            "ingest_processes": args.ingest_processes,
+            "dispatch_processes": args.dispatch_processes,
+        },
         allowed_callers=None,
         model={
             "bundle": str(args.bundle),
@@ -382,6 +396,7 @@ def main() -> None:
             "member_streams": args.member_streams,
         },
         "ingest_processes": args.ingest_processes,
+        "dispatch_processes": args.dispatch_processes,
         "senders": args.senders,
         "cpu_count": os.cpu_count(),
         "load_average_1m": os.getloadavg()[0],
@@ -431,7 +446,8 @@ def main() -> None:
         f"{args.decode_processes} decode processes (GPU decode {args.gpu_decode}, GPU "
         f"preprocessing {args.gpu_preprocess}); engine "
         f"{engine.backend}, batch {engine.batch_size}; {args.senders} sender(s), "
-        f"{args.ingest_processes} ingest process(es); "
+        f"{args.ingest_processes} ingest process(es), {args.dispatch_processes} dispatch "
+        "process(es); "
         f"load average {figures['load_average_1m']:.1f} on {os.cpu_count()} CPUs"
     )
     if latencies:

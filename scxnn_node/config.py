@@ -104,6 +104,9 @@ class NodeSection(_Section):
     # (SO_REUSEPORT), each with its own database connection, supervised like the workers. Two:
     # with 4 concurrent senders one process is about at storescp --fork, two above it.
     ingest_processes: int = Field(default=2, ge=1, le=64)
+    # Processes sending results (the dispatcher): 0 sends from the serve process; one or more
+    # take delivery out of the serve process's GIL, each claiming due deliveries under a lease.
+    dispatch_processes: int = Field(default=1, ge=0, le=16)
     tls: TlsSection = Field(default_factory=TlsSection)
 
 

@@ -2,7 +2,9 @@
 
 With node.ingest_processes above 1 the SCP runs in that many supervised processes sharing the
 port (SO_REUSEPORT), each with its own database connection: a C-STORE is then received outside
-the serve process and its GIL. A dead ingest process is restarted like a worker.
+the serve process and its GIL. With node.dispatch_processes above 0 the dispatcher, likewise,
+runs in processes of its own, each claiming due deliveries under a lease. A dead ingest or
+dispatch process is restarted like a worker.
 
 A worker that dies is logged, its jobs are released and it is started again after a backoff
 that doubles while it keeps dying young. Stop is bounded: SIGTERM (the worker hands its study
@@ -12,8 +14,8 @@ its parent's pid as well.
 
 The parts wake each other through doorbells (scxnn_node/doorbell.py) over pipes: the SCP rings
 the scheduler when an instance is stored, the scheduler rings a worker slot's doorbell when it
-queued jobs, and a worker rings the dispatcher when its result is committed. A restarted worker
-gets its slot's doorbell.
+queued jobs, and a worker rings the dispatcher (every dispatch process, or the serve process's
+delivery thread) when its result is committed. A restarted worker gets its slot's doorbell.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from multiprocessing.synchronize import Event as ProcessEvent
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.dicom.scp import IngestService, StoreScp
 from scxnn_node.dicom.scu import Peer, echo
+from scxnn_node.dispatcher import Dispatcher
 from scxnn_node.doorbell import Doorbell, PipeEvent
 from scxnn_node.http.server import HttpServer
 from scxnn_node.lifetime import die_with_parent, exit_after_parent
 from scxnn_node.logs import configure_logging
 from scxnn_node.model.manifest import read_manifest, verify_bundle
-from scxnn_node.scheduler import NodeScheduler
+from scxnn_node.scheduler import NodeScheduler, delivery_task
 from scxnn_node.store import workers
 from scxnn_node.store.db import Database
 from scxnn_node.store.queue import JobQueue
@@ -111,13 +115,49 @@ def run_ingest_process(
     db.dispose()
 
 
+def run_dispatch_process(
+    config_json: str, parent_pid: int, results_committed: PipeEvent | None = None
+) -> None:
+    """Entry point of a dispatch process (spawned): delivery runs, woken by the workers'
+    committed results, with its own database connection, until SIGTERM or the node's end."""
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the node died before the line above took effect
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    config = NodeConfig.model_validate_json(config_json)
+    configure_logging(config.logging.level, config.logging.json_format)
+    db = Database(config.database.url)
+    db.check_schema()  # made by the serve process before it started this one
+    dispatcher = Dispatcher(config, db, Spool(config.storage.spool_dir))
+    dispatcher.release_dead_leases()  # a killed predecessor's deliveries are due now
+    task = delivery_task(
+        dispatcher, Doorbell(results_committed) if results_committed is not None else Doorbell()
+    )
+    task.start()
+    while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
+        pass
+    task.stop()  # the send in progress ends (or stop()'s SIGKILL ends it; its lease expires)
+    db.dispose()
+
+
+class ProcessRole(StrEnum):
+    """What a supervised process does."""
+
+    WORKER = "worker"
+    INGEST = "ingest"
+    DISPATCH = "dispatch"
+
+
 @dataclass
 class _Slot:
-    """One supervised process, a device's worker or an ingest process: its current process,
-    and when to start the next after a death."""
+    """One supervised process (a device's worker, an ingest or a dispatch process): its
+    current process, and when to start the next after a death."""
 
     name: str  # as messages show it: "worker cpu", "ingest process 2"
-    device: str | None = None  # a worker's device; None for an ingest process
+    role: ProcessRole
+    device: str | None = None  # a worker's device
     process: mp.process.BaseProcess | None = None
     started_at: float = 0.0
     restart_at: float | None = None
@@ -149,11 +189,17 @@ class Node:
         )
         self.with_workers = workers
         self._slots = [
-            _Slot(f"ingest process {n}") for n in range(1, ingest_processes + 1) if self.scp is None
+            _Slot(f"ingest process {n}", ProcessRole.INGEST)
+            for n in range(1, ingest_processes + 1)
+            if self.scp is None
+        ]
+        self._slots += [
+            _Slot(f"dispatch process {n}", ProcessRole.DISPATCH)
+            for n in range(1, config.node.dispatch_processes + 1)
         ]
         if workers:
             self._slots += [
-                _Slot(f"worker {device}", device, jobs_queued=PipeEvent())
+                _Slot(f"worker {device}", ProcessRole.WORKER, device, jobs_queued=PipeEvent())
                 for device in config.model.devices
             ]
         self.scheduler = NodeScheduler(
@@ -164,6 +210,7 @@ class Node:
             jobs_queued=[Doorbell(s.jobs_queued) for s in self._slots if s.jobs_queued is not None],
             results_committed=Doorbell(self._results_committed),
             instance_received=Doorbell(self._instance_received),
+            delivers=config.node.dispatch_processes == 0,
         )
         self.http = (
             HttpServer(config, self.db, self.spool, manifest) if config.http.enabled else None
@@ -219,7 +266,7 @@ class Node:
         self._started.wait(INGEST_START_TIMEOUT_S)
         deadline = time.monotonic() + INGEST_START_TIMEOUT_S
         for slot in self._slots:
-            if slot.device is not None:
+            if slot.role != ProcessRole.INGEST:
                 continue
             process, listening = slot.process, slot.listening
             while not listening.wait(0.1):
@@ -235,7 +282,7 @@ class Node:
     def _start(self, slot: _Slot) -> None:
         context = mp.get_context("spawn")
         config_json = self.config.model_dump_json()
-        if slot.device is not None:
+        if slot.role == ProcessRole.WORKER:
             process = context.Process(
                 target=run_worker_process,
                 args=(
@@ -246,6 +293,12 @@ class Node:
                     self._results_committed,
                 ),
                 name=f"scxnn-worker-{slot.device}",
+            )
+        elif slot.role == ProcessRole.DISPATCH:
+            process = context.Process(
+                target=run_dispatch_process,
+                args=(config_json, os.getpid(), self._results_committed),
+                name=f"scxnn-{slot.name.replace(' ', '-')}",
             )
         else:
             slot.listening = context.Event()
@@ -286,18 +339,18 @@ class Node:
                 f"{process.exitcode} after {lived:.0f} s; restarting in {slot.restart_delay:.0f} s"
             )
             log.error(message)
-            self.db.record_event("worker" if slot.device else "ingest", message, level="ERROR")
+            self.db.record_event(slot.role.value, message, level="ERROR")
             if slot.device is not None:
                 self._bury(process, slot.device, "died")
         if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
             self._start(slot)
             log.info("%s restarted (pid %s)", slot.name, slot.process.pid)
 
-    def process_ids(self) -> list[tuple[str, str | None, int]]:
-        """(name, device or None for an ingest process, pid) of each supervised process now
-        running, for benchmarks and diagnostics."""
+    def process_ids(self) -> list[tuple[str, ProcessRole, int]]:
+        """(name, role, pid) of each supervised process now running, for benchmarks and
+        diagnostics."""
         return [
-            (slot.name, slot.device, slot.process.pid)
+            (slot.name, slot.role, slot.process.pid)
             for slot in self._slots
             if slot.process is not None and slot.process.pid is not None
         ]

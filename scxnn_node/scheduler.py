@@ -46,10 +46,12 @@ class NodeScheduler:
         jobs_queued: Sequence[Doorbell] = (),
         results_committed: Doorbell | None = None,
         instance_received: Doorbell | None = None,
+        delivers: bool = True,
     ) -> None:
         """`jobs_queued`: each worker's doorbell, rung when jobs were queued or put back;
         `results_committed`: rung by a worker, starts a delivery run; `instance_received`: rung
-        by the SCP, times a readiness run. Without them the tasks poll."""
+        by the SCP, times a readiness run. Without them the tasks poll. `delivers` False: the
+        results are sent by dispatch processes (node.dispatch_processes), not from here."""
         self.config = config
         self.db = db
         self.bundle_version = bundle_version
@@ -60,7 +62,7 @@ class NodeScheduler:
             config.worker.max_attempts,
             retry_backoff_seconds=config.worker.retry_backoff_seconds,
         )
-        self.dispatcher = Dispatcher(config, db, spool)
+        self.dispatcher = Dispatcher(config, db, spool) if delivers else None
         self.cleaner = Cleaner(config, db, spool)
         self.drift_watch = DriftWatch(config, db)
         self.jobs_queued = list(jobs_queued)
@@ -72,13 +74,9 @@ class NodeScheduler:
                 instance_received or Doorbell(),
                 after_ring=config.study.quiet_seconds,
             ),
-            WakeableTask(
-                "delivery",
-                self.delivery_run,
-                config.scheduler.delivery_seconds,
-                results_committed or Doorbell(),
-            ),
         ]
+        if self.dispatcher is not None:
+            self._wakeable.append(delivery_task(self.dispatcher, results_committed or Doorbell()))
         self._scheduler: BackgroundScheduler | None = None
 
     def wake_workers(self) -> None:
@@ -103,10 +101,6 @@ class NodeScheduler:
         due = next_quiet_at(self.db, self.config.study.quiet_seconds, now)
         return None if due is None else (due - utc_now()).total_seconds()
 
-    def delivery_run(self) -> None:
-        """Send the due deliveries (their retries are found by the next poll)."""
-        self.dispatcher.deliver_due()
-
     def recover_leases(self) -> int:
         recovered = self.queue.recover_expired_leases()
         if recovered:
@@ -123,7 +117,8 @@ class NodeScheduler:
     def start(self) -> None:
         s = self.config.scheduler
         _logged(self.cleaner.sweep_leftovers)()  # what a crash left behind goes at start
-        _logged(self.dispatcher.release_dead_leases)()  # before the first delivery run
+        if self.dispatcher is not None:
+            _logged(self.dispatcher.release_dead_leases)()  # before the first delivery run
         scheduler = BackgroundScheduler(timezone="UTC")
         timetable: list[tuple[Callable[[], object], float]] = [
             (self.recover_leases, s.lease_recovery_seconds),
@@ -212,6 +207,19 @@ class WakeableTask:
             log.exception("scheduled task %s failed", self.name)
             return math.inf
         return math.inf if sooner is None else sooner
+
+
+def delivery_task(dispatcher: Dispatcher, results_committed: Doorbell) -> WakeableTask:
+    """The delivery run, in the serve process or in a dispatch process: the due deliveries
+    are sent when a worker's committed result rings, and at every delivery poll (their retries
+    and another node's results are found by the poll)."""
+
+    def deliver() -> None:  # no nearer moment: deliver_due's count is not one
+        dispatcher.deliver_due()
+
+    return WakeableTask(
+        "delivery", deliver, dispatcher.config.scheduler.delivery_seconds, results_committed
+    )
 
 
 def _logged(func: Callable[[], object]) -> Callable[[], None]:

@@ -1,21 +1,19 @@
 """A dispatcher of this host that died holding deliveries (kill -9, a crash) does not hold them
-for delivery.lease_seconds: a node starting on the same database releases them at once."""
+for delivery.lease_seconds: a node starting on the same database releases them at once, in its
+serve process or in its first dispatch process."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
-from datetime import timedelta
 
-import numpy as np
-from dicom_factory import make_dataset
-from result_rows import add_done_result
+import pytest
+from result_rows import add_pending_delivery
 from sqlalchemy import select
 
 from scxnn_node.node import Node
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.dcmtk import Storescp
@@ -29,41 +27,16 @@ def _dead_pid() -> int:
     return process.pid
 
 
-def _leased_delivery(db: Database, spool: Spool, n: int, owner: str) -> int:
-    """A pending delivery of an SR in the outbox, leased to `owner` for an hour."""
-    rel = f"outbox/{n}/sr.dcm"
-    pixels = np.random.default_rng(n).integers(0, 4095, (16, 16), dtype=np.uint16)
-    buffer = io.BytesIO()
-    make_dataset(pixels).save_as(buffer, enforce_file_format=True)
-    spool.write_durably(rel, buffer.getvalue())
-    now = utc_now()
-    with db.session() as s:
-        result = add_done_result(s, f"1.2.{n}", str(n), now, f"1.2.{n}.1", f"1.2.{n}.2")
-        delivery = Delivery(
-            result_id=result.id,
-            destination="pacs",
-            kind="sr",
-            path=rel,
-            state="pending",
-            attempts=0,
-            next_attempt_at=now,
-            updated_at=now,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(hours=1),
-        )
-        s.add(delivery)
-        s.flush()
-        return delivery.id
-
-
-def test_a_dead_dispatcher_s_deliveries_go_out_when_a_node_starts(tmp_path, small_bundle_dir):
+@pytest.mark.parametrize("dispatch_processes", [0, 1])
+def test_a_dead_dispatcher_s_deliveries_go_out_when_a_node_starts(
+    tmp_path, small_bundle_dir, dispatch_processes
+):
     pacs = Storescp(tmp_path / "pacs").start()
     config = node_config(
         tmp_path,
         model={"bundle": str(small_bundle_dir)},
-        destinations=[
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}
-        ],
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        node={"dispatch_processes": dispatch_processes},
         delivery={"lease_seconds": 3600},
         scheduler={"delivery_seconds": 0.2},
     )
@@ -71,10 +44,10 @@ def test_a_dead_dispatcher_s_deliveries_go_out_when_a_node_starts(tmp_path, smal
     db.create_schema()
     spool = Spool(config.storage.spool_dir)
     host = socket.gethostname()
-    orphan = _leased_delivery(db, spool, 1, f"{host}:{_dead_pid()}:dispatcher:0dead0ff")
+    orphan = add_pending_delivery(db, spool, 1, f"{host}:{_dead_pid()}:dispatcher:0dead0ff")
     # Alive (this very process), or on another host: their leases are theirs to end.
-    alive = _leased_delivery(db, spool, 2, f"{host}:{os.getpid()}:dispatcher:0a11fe00")
-    remote = _leased_delivery(db, spool, 3, f"elsewhere:{_dead_pid()}:dispatcher:0e15e000")
+    alive = add_pending_delivery(db, spool, 2, f"{host}:{os.getpid()}:dispatcher:0a11fe00")
+    remote = add_pending_delivery(db, spool, 3, f"elsewhere:{_dead_pid()}:dispatcher:0e15e000")
     node = Node(config, workers=False)
     node.start()
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from scxnn_node.node import Node
+from scxnn_node.node import Node, ProcessRole
 from scxnn_node.store.models import Instance
 from scxnn_node.testing.loopback import node_config, wait_for
 from scxnn_node.testing.node_process import process_alive
@@ -39,8 +39,7 @@ def _node(tmp_path: Path, bundle: Path, url: str | None = None, **node: object) 
 
 
 def _ingest_pids(node: Node) -> list[int]:
-    return [s.process.pid for s in node._slots if s.device is None and s.process is not None]
-
+    return [pid for _name, role, pid in node.process_ids() if role == ProcessRole.INGEST]
 
 
 def _stop_within(node: Node, seconds: float, **kwargs: object) -> bool:

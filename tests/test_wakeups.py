@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 
 import pydicom
+import pytest
 from dicom_factory import chest_pixels, make_dataset, write
 from sqlalchemy import update
 
@@ -205,8 +206,12 @@ def test_a_doorbell_between_processes_rings_even_after_a_waiter_was_killed():
     assert successor.exitcode == 0
 
 
-def test_a_study_s_sr_reaches_the_pacs_long_before_any_poll(tmp_path, small_bundle_dir):
-    """Polls of an hour everywhere: only the wakeups can get the SR out within the waits."""
+@pytest.mark.parametrize("dispatch_processes", [0, 2])
+def test_a_study_s_sr_reaches_the_pacs_long_before_any_poll(
+    tmp_path, small_bundle_dir, dispatch_processes
+):
+    """Polls of an hour everywhere: only the wakeups can get the SR out within the waits. With
+    dispatch processes, a worker's ring reaches them (two share one doorbell)."""
     pacs = Storescp(tmp_path / "pacs").start()
     config = node_config(
         tmp_path,
@@ -223,6 +228,7 @@ def test_a_study_s_sr_reaches_the_pacs_long_before_any_poll(tmp_path, small_bund
         ],
         scheduler={"readiness_seconds": LONG_POLL_S, "delivery_seconds": LONG_POLL_S},
         worker={"poll_seconds": LONG_POLL_S},
+        node={"dispatch_processes": dispatch_processes},
     )
     node = Node(config)
     node.start()

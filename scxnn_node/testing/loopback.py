@@ -20,13 +20,15 @@ def free_port() -> int:
 def node_config(tmp: Path, **sections: Any) -> NodeConfig:
     """A config whose state lives under `tmp`, listening on a free port."""
     raw: dict[str, Any] = {
-        # One ingest process (the serve process): tests start many nodes, and the SCP in
-        # processes of its own has tests of its own (tests/test_ingest_processes.py).
+        # The SCP and the dispatcher in the serve process: tests start many nodes, and both in
+        # processes of their own have tests of their own (tests/test_ingest_processes.py,
+        # tests/test_dispatch_processes.py).
         "node": {
             "ae_title": "SCXNN",
             "host": "127.0.0.1",
             "port": free_port(),
             "ingest_processes": 1,
+            "dispatch_processes": 0,
         },
         "allowed_callers": [{"ae_title": "PACS"}],
         "storage": {"spool_dir": str(tmp / "spool"), "min_free_bytes": 0},
