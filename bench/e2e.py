@@ -130,22 +130,25 @@ def send_concurrently(storescu: Storescu, port: int, files: list[Path], senders:
             done.result()
 
 
-def cpu_by_role(node: Node) -> dict[str, float]:
-    """CPU seconds so far of the node's processes by role: serve (this process: SCP when it is
-    the only ingest process, the scheduler, the dispatcher without dispatch processes, and the
-    bench's own polling), ingest processes, dispatch processes, workers, and the workers'
-    decode processes. The DICOM peers are left out."""
-    roles = {
-        "serve": cpu_seconds(os.getpid()),
-        "ingest": 0.0,
-        "dispatch": 0.0,
-        "worker": 0.0,
-        "decode": 0.0,
-    }
-    for _name, role, pid in node.process_ids():
-        roles[role.value] += cpu_seconds(pid)
+def cpu_by_process(node: Node) -> dict[tuple[str, str], float]:
+    """CPU seconds so far of each of the node's processes, keyed (role, name): serve (this
+    process: the SCP when it is the only ingest process, the scheduler, the dispatcher without
+    dispatch processes, and the bench's own polling), each ingest, dispatch and worker process,
+    and each worker's decode processes together. The DICOM peers are left out."""
+    cpu = {("serve", "serve"): cpu_seconds(os.getpid())}
+    for name, role, pid in node.process_ids():
+        cpu[(role.value, name)] = cpu_seconds(pid)
         if role == ProcessRole.WORKER:
-            roles["decode"] += sum(cpu_seconds(child) for child in descendants(pid))
+            cpu[("decode", f"decode processes of {name}")] = sum(
+                cpu_seconds(child) for child in descendants(pid)
+            )
+    return cpu
+
+
+def by_role(cpu: dict[tuple[str, str], float]) -> dict[str, float]:
+    roles = dict.fromkeys(("serve", "ingest", "dispatch", "worker", "decode"), 0.0)
+    for (role, _name), seconds in cpu.items():
+        roles[role] += seconds
     return roles
 
 
@@ -317,7 +320,7 @@ def main() -> None:
         burst = study_files(template, root / "burst", args.studies)
         before = len(sr_studies(pacs))
         pipeline_before = pipeline_seconds(node)
-        cpu_before = cpu_by_role(node)
+        cpu_before = cpu_by_process(node)
         start = time.time()
         if args.arrival_seconds is None:
             send_concurrently(storescu, config.node.port, burst, args.senders)
@@ -330,7 +333,7 @@ def main() -> None:
         last_sent = time.time()
         results_by_last_send = len(sr_studies(pacs)) - before
         arrived = wait_for_srs(pacs, before + len(burst), 3600)
-        cpu_after = cpu_by_role(node)
+        cpu_after = cpu_by_process(node)
         pipeline_after = pipeline_seconds(node)
         burst_uids = {
             str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in burst
@@ -372,7 +375,19 @@ def main() -> None:
         engine.member_logits(stack[first : first + args.studies_in_flight])
     engine_per_study = (time.perf_counter() - t0) / len(stack)
     engine_cpu_per_study = (time.process_time() - cpu0) / len(stack)
-    cpu_per_study = {role: (cpu_after[role] - cpu_before[role]) / len(burst) for role in cpu_before}
+    # A process restarted during the burst is left out of the per-process figures.
+    cpu_per_process = {
+        key: (cpu_after[key] - cpu_before[key]) / len(burst)
+        for key in cpu_before
+        if key in cpu_after
+    }
+    cpu_per_study = by_role(cpu_per_process)
+    # One process serves one study at a time on one core at most (GIL): the busiest bounds the
+    # node's rate however many cores there are. Decode processes are a pool; left out.
+    (busiest_role, busiest), busiest_s = max(
+        ((key, seconds) for key, seconds in cpu_per_process.items() if key[0] != "decode"),
+        key=lambda item: item[1],
+    )
     node_cpu = sum(cpu_per_study.values()) - engine_cpu_per_study
     shutil.rmtree(root, ignore_errors=True)
 
@@ -435,6 +450,9 @@ def main() -> None:
         "studies_waiting_or_in_flight_at_last_send": waiting_at_last_send,
         # CPU seconds a study in the burst, by role (load-independent, unlike the rates):
         "cpu_s_per_study": cpu_per_study,
+        "cpu_s_per_study_by_process": {name: v for (_role, name), v in cpu_per_process.items()},
+        "busiest_process": busiest,
+        "busiest_process_cpu_s_per_study": busiest_s,
         "engine_cpu_s_per_study": engine_cpu_per_study,
         # All the node's CPU a study but the engine's: what bounds studies/s on a GPU box.
         "node_cpu_s_per_study_without_engine": node_cpu,
@@ -498,6 +516,10 @@ def main() -> None:
             if node_cpu > 0
             else "a study: less than the engine's own variation between its two runs"
         )
+    )
+    print(
+        f"busiest process: {busiest} ({busiest_role}), {busiest_s:.3f} CPU-s a study, so at most "
+        f"{1 / max(busiest_s, 1e-9):.0f} studies/s by it alone (worker includes the engine)"
     )
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

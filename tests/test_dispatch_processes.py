@@ -6,6 +6,7 @@ waits on a peer that never answers."""
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import threading
@@ -168,3 +169,35 @@ def test_stop_ends_a_dispatch_process_waiting_on_a_peer_that_never_answers(
         # Not sent, and due again for the next dispatcher once its lease ends.
         assert _deliveries(db)[delivery][0] == DeliveryState.PENDING
     db.dispose()
+
+
+def test_a_dispatch_process_killed_at_random_moments_loses_no_delivery(tmp_path, small_bundle_dir):
+    """kill -9 four times while 30 deliveries go out: every one is sent in the end, and the
+    PACS holds each file, at most once more per kill (one caught between its C-STORE and the
+    record of it sends that file again, which the PACS takes as the same instance)."""
+    kills, deliveries = 4, 30
+    pacs = Storescp(tmp_path / "pacs").start()
+    node = _node(tmp_path, small_bundle_dir, pacs.port, 1)
+    db = Database(node.config.database.url)
+    rng = random.Random(20261128)
+    try:
+        node.start()
+        spool = Spool(node.config.storage.spool_dir)
+        batches = [range(n, deliveries, kills + 1) for n in range(kills + 1)]
+        for batch in batches[:-1]:  # work arrives while the process is killed, again and again
+            (pid,) = wait_for(lambda: _dispatch_pids(node), 120)
+            for n in batch:
+                add_pending_delivery(db, spool, n)
+            time.sleep(rng.uniform(0.0, 1.0))  # starting, claiming, sending or recording
+            send_signal(pid, signal.SIGKILL)
+            wait_for(lambda pid=pid: not process_alive(pid), 30)
+        for n in batches[-1]:
+            add_pending_delivery(db, spool, n)
+        wait_for(lambda: all(s == DeliveryState.SENT for s, *_ in _deliveries(db).values()), 180)
+        received = [pydicom.dcmread(f).SOPInstanceUID for f in pacs.received()]
+        assert len(set(received)) == deliveries
+        assert len(received) <= deliveries + kills
+    finally:
+        node.stop()
+        pacs.stop()
+        db.dispose()
