@@ -86,6 +86,30 @@ def run_worker_process(
     worker.run(stop, parent_pid=parent_pid)
 
 
+def _start_service_process(
+    config_json: str, parent_pid: int
+) -> tuple[NodeConfig, Database, threading.Event] | None:
+    """The start of an ingest or dispatch process: it dies with the node, stops on SIGTERM
+    (the event), logs as configured and has its own connection to the database the serve
+    process made; None when the node is already gone."""
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the node died before the line above took effect
+        return None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    config = NodeConfig.model_validate_json(config_json)
+    configure_logging(config.logging.level, config.logging.json_format)
+    db = Database(config.database.url)
+    db.check_schema()  # made by the serve process before it started this one
+    return config, db, stop
+
+
+def _serve_until_stopped(stop: threading.Event, parent_pid: int) -> None:
+    while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
+        pass
+
+
 def run_ingest_process(
     config_json: str,
     parent_pid: int,
@@ -94,23 +118,16 @@ def run_ingest_process(
 ) -> None:
     """Entry point of an ingest process (spawned): the SCP on the shared port, with its own
     database connection, until SIGTERM or the node's end."""
-    die_with_parent()
-    if os.getppid() != parent_pid:  # the node died before the line above took effect
+    started = _start_service_process(config_json, parent_pid)
+    if started is None:
         return
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    config = NodeConfig.model_validate_json(config_json)
-    configure_logging(config.logging.level, config.logging.json_format)
-    db = Database(config.database.url)
-    db.check_schema()  # made by the serve process before it started this one
+    config, db, stop = started
     spool = Spool(config.storage.spool_dir)
     doorbell = Doorbell(instance_received) if instance_received is not None else None
     scp = StoreScp(config, IngestService(config, db, spool, doorbell))
     scp.start(share_port=True)
     listening.set()
-    while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
-        pass
+    _serve_until_stopped(stop, parent_pid)
     scp.shutdown()  # no new association; those in progress finish within stop()'s bound
     db.dispose()
 
@@ -120,24 +137,17 @@ def run_dispatch_process(
 ) -> None:
     """Entry point of a dispatch process (spawned): delivery runs, woken by the workers'
     committed results, with its own database connection, until SIGTERM or the node's end."""
-    die_with_parent()
-    if os.getppid() != parent_pid:  # the node died before the line above took effect
+    started = _start_service_process(config_json, parent_pid)
+    if started is None:
         return
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    config = NodeConfig.model_validate_json(config_json)
-    configure_logging(config.logging.level, config.logging.json_format)
-    db = Database(config.database.url)
-    db.check_schema()  # made by the serve process before it started this one
+    config, db, stop = started
     dispatcher = Dispatcher(config, db, Spool(config.storage.spool_dir))
     dispatcher.release_dead_leases()  # a killed predecessor's deliveries are due now
     task = delivery_task(
         dispatcher, Doorbell(results_committed) if results_committed is not None else Doorbell()
     )
     task.start()
-    while not stop.wait(PARENT_WATCH_S) and os.getppid() == parent_pid:
-        pass
+    _serve_until_stopped(stop, parent_pid)
     task.stop()  # the send in progress ends (or stop()'s SIGKILL ends it; its lease expires)
     db.dispose()
 
