@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
 from scxnn_node.testing.datasets import Edit, chest_dataset, mutate_file, sample_files, write_part10
+from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.node_process import NodeProcess, bundle_version, serve_config
 from scxnn_node.testing.peers import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    LoopbackPacs,
     Sent,
     echo,
     store_files,
@@ -169,7 +169,7 @@ def main() -> None:
     kinds = [k for k in args.kinds.split(",") if k]
     root = Path(tempfile.mkdtemp(prefix="scxnn-fuzz-"))
     bundle = untrained_bundle("densenet_small", 64, ["pneumothorax", "nodule"], out=root / "b")
-    pacs = LoopbackPacs(root / "pacs").start()
+    pacs = Storescp(root / "pacs").start()
     node = NodeProcess(serve_config(root / "node", bundle.path, pacs_port=pacs.port), root / "node")
     node.start()
     maker = CaseMaker(root / "sent", args.seed)

@@ -37,6 +37,7 @@ from pathlib import Path
 # training package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scxnn_node.testing.dcmtk import dcmtk_tool
 from scxnn_node.testing.loopback import free_port, node_config
 from scxnn_node.testing.samples import sample_copies
 
@@ -68,7 +69,7 @@ def send(port: int, files: list[Path], senders: int) -> float:
     procs = [
         subprocess.Popen(
             [
-                "storescu",
+                dcmtk_tool("storescu"),
                 "-xi",
                 "-R",
                 "-aet",
@@ -96,7 +97,7 @@ def time_storescp(root: Path, files: list[Path], senders: int, fork: bool) -> fl
     port = free_port()
     options = ["--fork"] if fork else []
     storescp = subprocess.Popen(
-        ["storescp", *options, "-aet", "SCXNN", "+xa", "-od", str(out), str(port)],
+        [dcmtk_tool("storescp"), *options, "-aet", "SCXNN", "+xa", "-od", str(out), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

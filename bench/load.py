@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
 from scxnn_node.testing.datasets import chest_dataset, write_part10
+from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.node_process import MemoryPeak, NodeProcess, bundle_version, serve_config
-from scxnn_node.testing.peers import LoopbackPacs, Sent, store_files
+from scxnn_node.testing.peers import Sent, store_files
 from training.untrained import untrained_bundle
 
 
@@ -71,7 +72,7 @@ def main() -> None:
         for a in range(args.associations)
     ]
     megabytes = sum(f.stat().st_size for g in groups for f in g) / 1e6
-    pacs = LoopbackPacs(root / "pacs").start()
+    pacs = Storescp(root / "pacs").start()
     config = serve_config(
         root / "node",
         bundle,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from sqlalchemy import delete, select
 
 from scxnn_node.config import NodeConfig
 from scxnn_node.store.audit import append_audit
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import AuditAction, Delivery, Event
 from scxnn_node.store.retention import expired_instances, forget_outputs, unneeded_outputs
 from scxnn_node.store.spool import Spool
@@ -41,7 +40,7 @@ class Cleaner:
         the retention and the amendment window, and outputs no delivery still needs. Returns
         how many received files were purged."""
         storage = self.config.storage
-        now = utc_now()
+        now = self.db.now()
         cutoff = now - timedelta(days=storage.retention_days)
         window = storage.amendment_window_days or storage.retention_days
         purged = 0
@@ -71,7 +70,7 @@ class Cleaner:
 
     def sweep_temp_files(self) -> int:
         """Delete temp files older than TEMP_FILE_MAX_AGE_SECONDS; returns how many."""
-        cutoff = time.time() - TEMP_FILE_MAX_AGE_SECONDS
+        cutoff = self.spool.now() - TEMP_FILE_MAX_AGE_SECONDS
         swept = sum(_unlink(path) for path, mtime, _ in self._aged("tmp") if mtime < cutoff)
         if swept:
             log.warning("%d temp file(s) left by an interrupted write deleted", swept)
@@ -81,7 +80,7 @@ class Cleaner:
         """Delete rejected files older than storage.rejected_retention_days, then the oldest
         while the rest exceed storage.rejected_max_bytes; returns how many."""
         storage = self.config.storage
-        cutoff = time.time() - storage.rejected_retention_days * 86400
+        cutoff = self.spool.now() - storage.rejected_retention_days * 86400
         kept_bytes = 0
         swept = 0
         for path, mtime, size in sorted(self._aged("rejected"), key=lambda f: -f[1]):
@@ -109,7 +108,7 @@ class Cleaner:
         an attempt killed between writing its outputs and committing them left them (a live
         attempt commits, or loses its lease, well within that). Returns how many."""
         named = _outbox_entries_in_use(self.db)  # read first: one committed after is young
-        cutoff = time.time() - 2 * self.config.worker.lease_seconds
+        cutoff = self.spool.now() - 2 * self.config.worker.lease_seconds
         with os.scandir(self.spool.absolute("outbox")) as entries:
             unnamed = [Path(e.path) for e in entries if e.name not in named]
         swept = 0
@@ -134,7 +133,7 @@ class Cleaner:
         """Events older than EVENT_RETENTION_DAYS are deleted (audit records never are)."""
         with self.db.session() as session:
             session.execute(
-                delete(Event).where(Event.at < utc_now() - timedelta(days=EVENT_RETENTION_DAYS))
+                delete(Event).where(Event.at < self.db.now() - timedelta(days=EVENT_RETENTION_DAYS))
             )
 
     def housekeeping(self) -> None:

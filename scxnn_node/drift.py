@@ -56,7 +56,7 @@ from scxnn_node.drift_reference import (
 )
 from scxnn_node.model.manifest import BundleError, Manifest, read_manifest
 from scxnn_node.model.result import StudyResult, Verdict
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import DriftSample, Event
 
 if TYPE_CHECKING:  # the worker's type; importing it here would load torch for `status`
@@ -196,7 +196,7 @@ def record_drift_samples(
     so they exist exactly when the result does); a study not analysed adds none."""
     if result.verdict is Verdict.NOT_ANALYSED or result.abnormality_score is None:
         return
-    at = utc_now()
+    at = session_now(session)
     version = result.bundle.version
     session.add(
         DriftSample(
@@ -441,7 +441,7 @@ class DriftWatch:
 
     def _announce(self, report: DriftReport) -> None:
         repeat = timedelta(hours=self.config.drift.repeat_warning_hours)
-        now = utc_now()
+        now = self.db.now()
         for stat in report.statistics:
             if stat.state not in (DriftState.OK, DriftState.DRIFTED):
                 continue  # no verdict: nothing to announce or to clear

@@ -26,7 +26,7 @@ from scxnn_node.dispatcher import Dispatcher
 from scxnn_node.doorbell import Doorbell
 from scxnn_node.drift import DriftWatch
 from scxnn_node.store.assembly import enqueue_quiet_studies, next_quiet_at
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.store.spool import Spool
 from scxnn_node.store.workers import forget_silent, served_versions
@@ -96,10 +96,10 @@ class NodeScheduler:
     def readiness_run(self) -> float | None:
         """Queue the quiet studies; returns in how many seconds the next receiving study becomes
         quiet (None: no study is receiving), so that the next run comes just then."""
-        now = utc_now()
+        now = self.db.now()
         self.enqueue_ready_studies(now)
         due = next_quiet_at(self.db, self.config.study.quiet_seconds, now)
-        return None if due is None else (due - utc_now()).total_seconds()
+        return None if due is None else (due - self.db.now()).total_seconds()
 
     def recover_leases(self) -> int:
         recovered = self.queue.recover_expired_leases()

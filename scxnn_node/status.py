@@ -11,15 +11,13 @@ from sqlalchemy import func, select
 from scxnn_node.drift import DriftReport, format_drift
 from scxnn_node.logs import short_hash
 from scxnn_node.model.result import Verdict
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Event, Instance, Job, Result, Study, StudyState
 from scxnn_node.store.workers import live_workers
 
 
-def node_status(
-    db: Database, errors: int = 5, drift: DriftReport | None = None
-) -> dict[str, Any]:
-    now = utc_now()
+def node_status(db: Database, errors: int = 5, drift: DriftReport | None = None) -> dict[str, Any]:
+    now = db.now()
     report: dict[str, Any] = {} if drift is None else {"drift": drift.to_dict()}
     with db.session() as session:
         for name, model in (

@@ -7,6 +7,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,12 +68,8 @@ def _postgres_admin_url() -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each supported kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'node.db'}"
-        return
+@contextmanager
+def _fresh_postgres_database() -> Iterator[str]:
     import psycopg
 
     admin = _postgres_admin_url()
@@ -83,6 +80,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield admin.rsplit("/", 1)[0] + f"/{name}"
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each supported kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    with _fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database: what several nodes on several hosts share."""
+    with _fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import numpy as np
 from dicom_factory import make_dataset
 from sqlalchemy.orm import Session
 
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Job, Result
 from scxnn_node.store.spool import Spool
 
@@ -59,7 +59,7 @@ def add_pending_delivery(
     buffer = io.BytesIO()
     make_dataset(pixels, study_uid=f"1.2.{n}").save_as(buffer, enforce_file_format=True)
     spool.write_durably(rel, buffer.getvalue())
-    now = utc_now()
+    now = db.now()
     with db.session() as s:
         result = add_done_result(s, f"1.2.{n}", str(n), now, f"1.2.{n}.1", f"1.2.{n}.2")
         delivery = Delivery(

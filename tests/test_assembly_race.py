@@ -11,7 +11,7 @@ import psycopg
 from sqlalchemy import select
 
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Job, Study, StudyState
 from scxnn_node.testing.datasets import stored_instance_record
 
@@ -27,7 +27,7 @@ def test_a_store_committed_during_enqueue_is_not_lost(database_url: str) -> None
     db.create_schema()
     record_instance(db, _record(STUDY + ".1.1"))
     with db.session() as session:  # quiet long ago
-        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+        session.get(Study, STUDY).last_received_at = db.now() - timedelta(hours=1)
     if db.is_sqlite:
         # BEGIN IMMEDIATE serialises writers: a late instance simply comes first or after.
         record_instance(db, _record(STUDY + ".1.2"))

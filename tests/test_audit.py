@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance, InstanceState, Job, JobState, Study, StudyState
 from scxnn_node.testing.audit import Auditor, NodeDatabase
 
@@ -19,7 +19,7 @@ def _node_database(tmp_path: Path, states: dict[str, str], job_uids: list[str]) 
     url = f"sqlite:///{tmp_path / 'node.db'}"
     db = Database(url)
     db.create_schema()
-    now = utc_now()
+    now = db.now()
     with db.session() as session:
         session.add(
             Study(

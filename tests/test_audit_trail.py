@@ -29,7 +29,7 @@ from scxnn_node.store.assembly import (
     record_instance,
 )
 from scxnn_node.store.audit import audit_records
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import AuditRecord, Delivery, Instance, Job, Result
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.store.results import Attempt, claim_due_deliveries, record_attempts
@@ -254,7 +254,7 @@ def test_unusable_instances_failed_jobs_and_deliveries_are_recorded(database_url
     assert job is not None
     assert queue.fail(job.id, f"RuntimeError: {study} went wrong") == "failed"
 
-    now = utc_now()
+    now = db.now()
     with db.session() as s:
         result = Result(
             job_id=job.id,

@@ -76,3 +76,25 @@ def test_what_a_fault_leaves_the_node_waiting_on_ends_well_within_the_settle_tim
     )
     assert config.delivery.lease_seconds * plan.faults < plan.settle_seconds / 4
     assert job_waits < plan.settle_seconds / 4, job_waits
+
+
+def test_postgresql_dropping_every_connection_loses_and_confuses_nothing(
+    tmp_path: Path, small_bundle_dir: Path, postgres_url: str
+) -> None:
+    """PostgreSQL restarted (or failed over) under the node, again and again, while studies
+    arrive: every connection ends, mid-transaction or idle. A C-STORE whose commit is cut off
+    is not acknowledged (the sender sends it again), and the node carries on by itself."""
+    plan = ChaosPlan(
+        senders=3,
+        studies_per_sender=4,
+        instances_per_study=2,
+        faults=4,
+        seed=5,
+        shuffle_faults=False,
+    )
+    run = ChaosRun(tmp_path, [small_bundle_dir], plan, postgres_url, faults=("database_drop",))
+    audit = run.run()
+    print(audit.summary(1), audit.report(), sep="\n")
+    assert [f.split(" ")[0] for f in run.injected] == ["database_drop"] * plan.faults
+    assert audit.acknowledged >= plan.senders * plan.studies_per_sender
+    assert audit.ok, audit.summary(1) + "\n" + audit.report()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from scxnn_node.cleaner import Cleaner
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, DeliveryState, Job, JobState, Result
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.loopback import node_config
@@ -38,7 +38,7 @@ def _outputs(spool: Spool, job_id: int, attempt: str, age_seconds: float) -> Pat
 
 def _commit_delivery(db: Database, job_id: int, path: str) -> None:
     """The rows a committed attempt leaves: its job done, its result, a delivery of `path`."""
-    now = utc_now()
+    now = db.now()
     with db.session() as session:
         session.add(
             Job(
@@ -104,3 +104,22 @@ def test_a_folder_whose_outputs_retention_purged_goes_with_its_leftovers(tmp_pat
     _commit_delivery(db, 1, "")
     assert cleaner.sweep_orphan_outputs() == 1
     assert not folder.exists()
+
+
+def test_a_host_clock_ahead_of_the_shared_spool_deletes_no_live_attempts_files(
+    tmp_path, monkeypatch
+):
+    """Two nodes share the spool (a network file system); this one's clock runs an hour
+    ahead. The file system dates files by its own clock, so reading their age on this host's
+    clock would make another node's attempt, still running, look abandoned."""
+    _, spool, cleaner = _setup(tmp_path)
+    running = _outputs(spool, 2, "running", 0)  # being written by the other node right now
+    writing = spool.absolute("tmp") / "another-node-writing.part"
+    writing.write_bytes(b"half an instance")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+
+    assert cleaner.sweep_orphan_outputs() == 0
+    assert cleaner.sweep_temp_files() == 0
+    assert sorted(p.name for p in running.iterdir()) == ["sr.dcm", "summary.dcm"]
+    assert writing.exists()

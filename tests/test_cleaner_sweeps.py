@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.scheduler import NodeScheduler
 from scxnn_node.store.assembly import InstanceRecord, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance, Study, StudyState
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.loopback import node_config
@@ -64,7 +64,7 @@ def test_files_of_a_failed_study_are_purged_after_retention(tmp_path):
     rel = spool.instance_path("1.1", "1.1.1")
     spool.write_durably(rel, b"data")
     record_instance(db, InstanceRecord("1.1.1", "1.1", "9", "1.2.3", rel, 4, "PACS"))
-    old = utc_now() - timedelta(days=2)
+    old = db.now() - timedelta(days=2)
     with db.session() as s:
         s.execute(update(Instance).values(received_at=old))
         s.execute(update(Study).values(state=StudyState.FAILED, last_received_at=old))

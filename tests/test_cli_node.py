@@ -11,7 +11,7 @@ from conftest import DATA
 from sqlalchemy import select
 
 from scxnn_node.node import Node
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Job, Result
 from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.loopback import node_config
@@ -33,7 +33,7 @@ def _write(config, path: Path) -> Path:
 
 
 def _seed_failures(db: Database) -> None:
-    now = utc_now()
+    now = db.now()
     with db.session() as s:
         job = Job(
             study_instance_uid="1.2.3",

@@ -28,7 +28,6 @@ from scxnn_node.model.result import (
     Verdict,
 )
 from scxnn_node.store.assembly import enqueue_quiet_studies
-from scxnn_node.store.db import utc_now
 from scxnn_node.store.models import Instance, Result, Study
 
 CODES = {f.name: (f.code.value, f.code.scheme, f.code.meaning) for f in THESIS_CATALOGUE}
@@ -221,7 +220,7 @@ def test_the_worker_notes_purged_images_in_the_sr_of_a_late_instance(node_parts)
     assert worker.process_next()
     with db.session() as s:
         first = s.execute(select(Result)).scalar_one().id
-        long_ago = utc_now() - timedelta(days=2)
+        long_ago = db.now() - timedelta(days=2)
         s.execute(update(Instance).values(received_at=long_ago))
         s.execute(update(Study).values(last_received_at=long_ago))
     assert Cleaner(config, db, spool).purge_spool() == 1

@@ -28,7 +28,7 @@ from test_tls import Pki
 from scxnn_node.cli import main as cli_main
 from scxnn_node.config import ConfigError, DicomWebDestination, NodeConfig, load_config, validated
 from scxnn_node.dispatcher import Dispatcher
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, DeliveryState, Job, Result
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.datasets import sample_files
@@ -131,7 +131,7 @@ def _image(study_uid: str, seed: int) -> bytes:
 
 def _seed(db: Database, spool: Spool, files: list[bytes]) -> list[str]:
     """A result per file with one pending delivery of it to `web`; the files' SOP UIDs."""
-    now = utc_now()
+    now = db.now()
     uids = []
     with db.session() as s:
         for n, content in enumerate(files):
@@ -163,7 +163,7 @@ def _deliveries(db: Database) -> list[Delivery]:
 
 def _due_now(db: Database) -> None:
     with db.session() as s:
-        s.execute(update(Delivery).values(next_attempt_at=utc_now()))
+        s.execute(update(Delivery).values(next_attempt_at=db.now()))
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_orthanc_down_then_back_gets_the_files_on_the_next_dispatch(
     for delivery in _deliveries(db):
         assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 1)
         assert delivery.last_error == "connection refused"
-        assert delivery.next_attempt_at > utc_now()  # backed off, not hammered
+        assert delivery.next_attempt_at > db.now()  # backed off, not hammered
     orthanc.start()
     assert dispatcher.deliver_due() == 0  # not due yet
     _due_now(db)

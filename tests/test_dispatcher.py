@@ -7,23 +7,30 @@ import io
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dicom_factory import make_dataset
-from result_rows import add_done_result
-from sqlalchemy import select, update
+from result_rows import add_done_result, add_pending_delivery
+from sqlalchemy import Executable, select, text, update
 
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.dispatcher import Dispatcher
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery
-from scxnn_node.store.results import claim_due_deliveries, retry_deliveries
+from scxnn_node.store.results import (
+    Attempt,
+    claim_due_deliveries,
+    record_attempts,
+    retry_deliveries,
+)
 from scxnn_node.store.spool import Spool
-from scxnn_node.testing.dcmtk import Storescp
+from scxnn_node.testing.dcmtk import Storescp, dcmtk_tool
 from scxnn_node.testing.loopback import node_config
+from scxnn_node.testing.peers import wait_until
 
 
 class CountingStorescp(Storescp):
@@ -32,7 +39,10 @@ class CountingStorescp(Storescp):
     def start(self) -> CountingStorescp:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["storescp", "+uf", "-aet", self.aet, "-od", str(self.directory), str(self.port)],
+            [
+                dcmtk_tool("storescp"),
+                *("+uf", "-aet", self.aet, "-od", str(self.directory), str(self.port)),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -77,7 +87,7 @@ def _outbox_file(spool: Spool, rel: str, seed: int) -> None:
 def _seed(db: Database, spool: Spool, destinations: dict[str, int], files: int = 1) -> list[str]:
     """`files` outbox files of one result, each to be delivered to every destination (name ->
     how many deliveries: a result id of its own per delivery so the unique key holds)."""
-    now = utc_now()
+    now = db.now()
     paths = []
     with db.session() as s:
         for f in range(files):
@@ -156,7 +166,7 @@ def test_retention_keeps_an_output_a_pending_delivery_needs(tmp_path, database_u
     cleaner = Cleaner(config, db, spool)
     try:
         (path,) = _seed(db, spool, {"pacs": 1, "archive": 1})
-        long_ago = utc_now() - timedelta(days=2)
+        long_ago = db.now() - timedelta(days=2)
         with db.session() as s:  # sent to the PACS long ago; the archive still waits
             s.execute(
                 update(Delivery)
@@ -226,7 +236,7 @@ def test_a_claim_excludes_others_until_it_is_recorded_or_its_lease_expires(tmp_p
             s.execute(
                 update(Delivery)
                 .where(Delivery.lease_owner == "node-a")
-                .values(lease_expires_at=utc_now() - timedelta(seconds=1))
+                .values(lease_expires_at=db.now() - timedelta(seconds=1))
             )
         taken_over = claim_due_deliveries(db, "node-b", 10, lease)
         assert sorted(d.id for d in taken_over) == sorted(d.id for d in first)
@@ -266,3 +276,90 @@ def test_deliveries_retry_command_names_a_missing_file(tmp_path, pacs):
         }
     finally:
         db.dispose()
+
+
+def test_an_attempt_recorded_while_another_dispatcher_retakes_it_changes_nothing(
+    tmp_path, postgres_url
+):
+    """Dispatcher A's lease ran out while it was sending, and B is claiming the delivery. A
+    records its attempt while B's claim is still committing: A must judge whether it holds
+    the delivery by the row as B leaves it, not overwrite B's claim with `sent` on the strength
+    of what it read before (B would then send a second time, unrecorded)."""
+    db = Database(postgres_url)
+    db.create_schema()
+    delivery_id = add_pending_delivery(db, Spool(tmp_path / "spool"), 1, owner="A")
+    retake = update(Delivery).where(Delivery.id == delivery_id)
+    with db.session() as s:
+        s.execute(retake.values(lease_expires_at=db.now() - timedelta(seconds=1)))
+    claim = retake.values(lease_owner="B", lease_expires_at=db.now() + timedelta(hours=1))
+    sent = _behind_an_open_transaction(
+        db, claim, lambda: record_attempts(db, "A", [Attempt(delivery_id)], 5, _a_day)
+    )
+    assert sent == 0
+    with db.session() as s:
+        row = s.get(Delivery, delivery_id)
+        assert (row.state, row.lease_owner, row.attempts) == ("pending", "B", 0)
+    db.dispose()
+
+
+def _a_day(_attempts: int) -> timedelta:
+    return timedelta(days=1)
+
+
+def _behind_an_open_transaction(
+    db: Database, statement: Executable, call: Callable[[], int]
+) -> int:
+    """What `call` returns when it runs while another transaction has run `statement` (and so
+    holds its rows' locks) without committing yet: that transaction commits once `call` waits
+    on its lock."""
+    returned: list[int] = []
+    with db.engine.connect() as other:
+        transaction = other.begin()
+        other.execute(statement)
+        thread = threading.Thread(target=lambda: returned.append(call()))
+        thread.start()
+        wait_until(lambda: _sessions_waiting_on_a_lock(db) == 1, 30, 0.05)
+        transaction.commit()
+    thread.join(30)
+    assert len(returned) == 1, "the call raised or did not return"
+    return returned[0]
+
+
+def _sessions_waiting_on_a_lock(db: Database) -> int:
+    # A connection of its own each time: pg_stat_activity is a snapshot per transaction.
+    with db.reading() as probe:
+        return probe.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        ).scalar_one()
+
+
+def test_retrying_a_delivery_under_way_leaves_it_to_its_dispatcher(tmp_path, database_url):
+    """An operator's retry of a pending delivery a dispatcher is sending right now: reset (its
+    lease dropped), another dispatcher would send it a second time."""
+    db = Database(database_url)
+    db.create_schema()
+    spool = Spool(tmp_path / "spool")
+    sending = add_pending_delivery(db, spool, 1, owner="A")  # leased: A is sending it
+    assert retry_deliveries(db, spool.root, sending).retried == 0
+    assert record_attempts(db, "A", [Attempt(sending)], 5, _a_day) == 1
+    db.dispose()
+
+
+def test_a_retry_racing_the_record_of_a_send_does_not_undo_it(tmp_path, postgres_url):
+    """The retry reads the delivery as pending while the dispatcher commits `sent`: it must
+    wait for that commit and leave the delivery sent, not turn it back to pending."""
+    db = Database(postgres_url)
+    db.create_schema()
+    spool = Spool(tmp_path / "spool")
+    delivery_id = add_pending_delivery(db, spool, 1)  # pending, backing off, no lease
+    record_sent = update(Delivery).where(Delivery.id == delivery_id).values(state="sent")
+    retried = _behind_an_open_transaction(
+        db, record_sent, lambda: retry_deliveries(db, spool.root, delivery_id).retried
+    )
+    assert retried == 0
+    with db.session() as s:
+        assert s.get(Delivery, delivery_id).state == "sent"
+    db.dispose()

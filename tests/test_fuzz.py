@@ -24,11 +24,11 @@ from pydicom.uid import generate_uid
 
 from scxnn_node.testing.audit import Auditor, NodeDatabase, wait_settled
 from scxnn_node.testing.datasets import Edit, chest_dataset, mutate_file, sample_files, write_part10
+from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.node_process import NodeProcess, bundle_version, serve_config
 from scxnn_node.testing.peers import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    LoopbackPacs,
     Sent,
     echo,
     store_files,
@@ -47,7 +47,7 @@ FUZZ = settings(
 class FuzzTarget:
     """The running node, its PACS, and the checks every test applies to what it sent."""
 
-    def __init__(self, root: Path, node: NodeProcess, pacs: LoopbackPacs, version: str) -> None:
+    def __init__(self, root: Path, node: NodeProcess, pacs: Storescp, version: str) -> None:
         self.root = root
         self.node = node
         self.pacs = pacs
@@ -84,7 +84,7 @@ def target(
     tmp_path_factory: pytest.TempPathFactory, small_bundle_dir: Path
 ) -> Iterator[FuzzTarget]:
     root = tmp_path_factory.mktemp("fuzz")
-    pacs = LoopbackPacs(root / "pacs").start()
+    pacs = Storescp(root / "pacs").start()
     config = serve_config(root / "node", small_bundle_dir, pacs_port=pacs.port)
     node = NodeProcess(config, root / "node").start()
     try:

@@ -33,7 +33,7 @@ from scxnn_node.model.result import (
     Verdict,
 )
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Job, Result
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.loopback import free_port, node_config
@@ -323,7 +323,7 @@ def _store_of(config: NodeConfig) -> tuple[Database, Spool]:
 
 
 def _seed_hl7(db: Database, spool: Spool, destination: Hl7Destination, count: int = 1) -> None:
-    now = utc_now()
+    now = db.now()
     with db.session() as s:
         for n in range(count):
             rel = f"outbox/{n + 1}.a/hl7-0.hl7"
@@ -349,7 +349,7 @@ def _deliveries(db: Database) -> list[Delivery]:
 
 def _due_now(db: Database) -> None:
     with db.session() as s:
-        s.execute(update(Delivery).values(next_attempt_at=utc_now()))
+        s.execute(update(Delivery).values(next_attempt_at=db.now()))
 
 
 def test_an_accepted_message_is_sent_once_over_one_connection(tmp_path, database_url, listen):
@@ -410,7 +410,7 @@ def test_a_listener_that_is_down_and_comes_back_gets_the_message(tmp_path, datab
     assert dispatcher.deliver_due() == 0
     [delivery] = _deliveries(db)
     assert delivery.state == "pending" and "cannot connect" in delivery.last_error
-    assert delivery.next_attempt_at > utc_now()  # backed off, not hammered
+    assert delivery.next_attempt_at > db.now()  # backed off, not hammered
     ris = listen(ack("AA"), port=port)
     assert dispatcher.deliver_due() == 0  # not due yet
     _due_now(db)

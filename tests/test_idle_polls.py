@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Study
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.store.results import claim_due_deliveries
@@ -42,7 +42,7 @@ def test_a_quiet_study_is_queued_and_claimed_through_the_cheap_checks(database_u
         assert JobQueue(db, "w1", bundle_version="1.0.0").claim_ready_job() is None
         assert enqueue_quiet_studies(db, 3600.0, "1.0.0") == 0  # not quiet yet
         with db.session() as s:  # an hour without a new instance
-            s.execute(update(Study).values(last_received_at=utc_now() - timedelta(hours=2)))
+            s.execute(update(Study).values(last_received_at=db.now() - timedelta(hours=2)))
         assert enqueue_quiet_studies(db, 3600.0, "1.0.0") == 1
         assert JobQueue(db, "w2", bundle_version="2.0.0").claim_ready_job() is None
         job = JobQueue(db, "w1", bundle_version="1.0.0").claim_ready_job()

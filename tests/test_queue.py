@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from scxnn_node.status import node_status
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Job, Study
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.testing.loopback import wait_for
@@ -324,8 +324,8 @@ def test_worker_processes_never_work_on_one_study_at_once(db, tmp_path):
                         bundle_version=version,
                         state="ready",
                         attempts=0,
-                        created_at=utc_now(),
-                        updated_at=utc_now(),
+                        created_at=db.now(),
+                        updated_at=db.now(),
                     )
                 )
     ctx = mp.get_context("spawn")

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.logs import short_hash
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Event, Instance, Job, Result, Study
 from scxnn_node.store.results import (
     Attempt,
@@ -83,7 +83,7 @@ def test_amended_sr_names_its_predecessor_after_the_first_sr_file_was_purged(nod
     # The first SR and summary were sent long ago: retention purges their outbox files.
     with db.session() as s:
         s.execute(
-            update(Delivery).values(state="sent", updated_at=utc_now() - timedelta(days=2))
+            update(Delivery).values(state="sent", updated_at=db.now() - timedelta(days=2))
         )
         first_sr_path = s.execute(
             select(Delivery.path).where(Delivery.kind == "sr")
@@ -127,7 +127,7 @@ def test_a_late_instance_after_retention_is_analysed_without_the_purged_files(
         first = s.execute(select(Result)).scalar_one()
         (early,) = s.execute(select(Instance.sop_instance_uid)).scalars()
         # Reported and quiet past the retention and the amendment window: its files go.
-        long_ago = utc_now() - timedelta(days=2)
+        long_ago = db.now() - timedelta(days=2)
         s.execute(update(Instance).values(received_at=long_ago))
         s.execute(update(Study).values(last_received_at=long_ago))
     assert Cleaner(config, db, spool).purge_spool() == 1
@@ -178,7 +178,7 @@ def test_a_worker_that_lost_its_lease_makes_nothing_visible(node_parts):
 
 
 def _seed_deliveries(db: Database, count: int) -> list[int]:
-    now = utc_now()
+    now = db.now()
     with db.session() as s:
         result = add_done_result(s, "1.2.3", "x", now)
         rows = [
@@ -225,7 +225,7 @@ def test_delivery_attempts_send_back_off_die_and_retry(database_url, tmp_path):
         # A second failure reaches max_attempts (dying); a sent delivery is left alone.
         with db.session() as s:
             due_now = update(Delivery).where(Delivery.id == dying)
-            s.execute(due_now.values(next_attempt_at=utc_now()))
+            s.execute(due_now.values(next_attempt_at=db.now()))
         assert [d.id for d in claim_due_deliveries(db, "me", 10, lease)] == [dying]
         again = [Attempt(dying, "association failed"), Attempt(sent, "late failure")]
         assert record_attempts(db, "me", again, 2, lambda n: timedelta(hours=n)) == 0

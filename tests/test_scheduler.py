@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from scxnn_node.cleaner import Cleaner
 from scxnn_node.scheduler import NodeScheduler
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Event, Instance, Study, Worker
 from scxnn_node.store.spool import Spool
 from scxnn_node.store.workers import WorkerIdentity, beat
@@ -31,7 +31,7 @@ def test_retention_purges_reported_studies_only(tmp_path):
         rel = spool.instance_path(study, sop)
         spool.write_durably(rel, b"data")
         record_instance(db, InstanceRecord(sop, study, "9", "1.2.3", rel, 4, "PACS"))
-    old = utc_now() - timedelta(days=2)
+    old = db.now() - timedelta(days=2)
     with db.session() as s:
         s.execute(update(Instance).values(received_at=old))
         s.execute(update(Study).values(last_received_at=old))  # past the amendment window too
@@ -52,7 +52,7 @@ def test_a_reported_study_keeps_its_files_for_the_amendment_window(tmp_path):
     rel = spool.instance_path("1.1", "1.1.1")
     spool.write_durably(rel, b"data")
     record_instance(db, InstanceRecord("1.1.1", "1.1", "9", "1.2.3", rel, 4, "PACS"))
-    two_days_ago = utc_now() - timedelta(days=2)
+    two_days_ago = db.now() - timedelta(days=2)
     with db.session() as s:  # past the retention, reported, quiet for two days
         s.execute(update(Instance).values(received_at=two_days_ago))
         s.execute(update(Study).values(state="reported", last_received_at=two_days_ago))
@@ -84,7 +84,7 @@ def test_housekeeping_and_scheduler_start_stop(tmp_path):
     config, db, spool, cleaner = _setup(tmp_path)
     db.record_event("x", "old")
     with db.session() as s:
-        s.execute(update(Event).values(at=utc_now() - timedelta(days=365)))
+        s.execute(update(Event).values(at=db.now() - timedelta(days=365)))
     cleaner.housekeeping()
     with db.session() as s:
         assert s.execute(select(Event)).scalars().all() == []
@@ -98,7 +98,7 @@ def test_lease_recovery_forgets_workers_silent_past_a_lease(tmp_path):
     for owner in ("host:1:cpu", "host:2:cpu"):
         beat(db, WorkerIdentity(owner, "host", int(owner.split(":")[1]), "cpu", "0.1.0"), None, 5)
     with db.session() as s:  # the first was killed two leases ago; the second beats on
-        s.get(Worker, "host:1:cpu").alive_until = utc_now() - timedelta(seconds=120)
+        s.get(Worker, "host:1:cpu").alive_until = db.now() - timedelta(seconds=120)
     NodeScheduler(config, db, spool, "0.1.0").recover_leases()
     with db.session() as s:
         assert [w.owner for w in s.execute(select(Worker)).scalars()] == ["host:2:cpu"]

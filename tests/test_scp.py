@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -27,6 +28,7 @@ from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance, Study
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.datasets import chest_dataset, write_part10
+from scxnn_node.testing.dcmtk import dcmtk_tool
 from scxnn_node.testing.dcmtk import storescu as run_storescu
 from scxnn_node.testing.loopback import node_config
 from scxnn_node.testing.peers import Sent, store_files
@@ -71,7 +73,10 @@ def _instances(db):
 def test_echoscu(node):
     config, _, _ = node
     run = subprocess.run(
-        ["echoscu", "-aet", "PACS", "-aec", "SCXNN", "127.0.0.1", str(config.node.port)],
+        [
+            dcmtk_tool("echoscu"),
+            *("-aet", "PACS", "-aec", "SCXNN", "127.0.0.1", str(config.node.port)),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -199,7 +204,8 @@ def test_a_full_disk_refuses_the_c_store_and_the_node_keeps_serving(
         assert "(OSError: No space left on device); answered 0xA700" in caplog.text
         assert _instances(db) == []
         assert not [p for p in spool.root.rglob("*") if p.is_file()], "a torn file was kept"
-        run_echo = ["echoscu", "-aet", "PACS", "-aec", "SCXNN", "127.0.0.1", str(config.node.port)]
+        run_echo = [dcmtk_tool("echoscu"), *("-aet", "PACS", "-aec", "SCXNN")]
+        run_echo += ["127.0.0.1", str(config.node.port)]
         assert subprocess.run(run_echo, capture_output=True, timeout=30).returncode == 0
 
         filler.unlink()  # room again: the sender's retry is stored, once, whole
@@ -276,8 +282,23 @@ def test_max_associations_enforced(tmp_path):
         scp.shutdown()
 
 
-def test_dcmtk_tools_present():
-    assert shutil.which("storescu") and shutil.which("echoscu")
+def test_the_dcmtk_tools_are_found_behind_pynetdicoms_namesakes(tmp_path, monkeypatch):
+    """pynetdicom installs Python scripts named storescp and storescu into the venv; with the
+    venv activated they come first on PATH, and the tests must still run dcmtk's."""
+    for name in ("storescp", "storescu", "echoscu"):
+        script = tmp_path / name
+        script.write_text("#!/usr/bin/env python3\nraise SystemExit(3)\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    dcmtk_tool.cache_clear()
+    try:
+        for name in ("storescp", "storescu", "echoscu"):
+            assert shutil.which(name) == str(tmp_path / name)  # the namesake comes first
+            found = dcmtk_tool(name)
+            version = subprocess.run([found, "--version"], capture_output=True, text=True)
+            assert "dcmtk" in version.stdout.lower(), (found, version.stdout)
+    finally:
+        dcmtk_tool.cache_clear()  # later tests resolve on the real PATH
 
 
 # --- integrity under hostile input (issue 9) ----------------------------------------------

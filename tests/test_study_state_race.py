@@ -20,7 +20,7 @@ from scxnn_node.store.assembly import (
     mark_study_reported,
     record_instance,
 )
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Job, JobState, Study, StudyState
 from scxnn_node.store.queue import ClaimedJob, JobQueue
 from scxnn_node.testing.datasets import stored_instance_record
@@ -39,7 +39,7 @@ def _claimed_job(db: Database, queue: JobQueue) -> ClaimedJob:
     """A study of one instance, quiet, queued, its job claimed by `queue`'s owner."""
     record_instance(db, _record(STUDY + ".1.1"))
     with db.session() as session:
-        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+        session.get(Study, STUDY).last_received_at = db.now() - timedelta(hours=1)
     assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
     job = queue.claim_ready_job()
     assert job is not None
@@ -114,14 +114,14 @@ def test_a_store_committed_as_a_lease_is_recovered_is_not_lost(
     job = _claimed_job(db, queue)
     with db.session() as session:  # its worker died long ago
         session.execute(
-            update(Job).where(Job.id == job.id).values(lease_expires_at=utc_now() - timedelta(1))
+            update(Job).where(Job.id == job.id).values(lease_expires_at=db.now() - timedelta(1))
         )
 
     _end_while_a_store_commits(db, database_url, queue.recover_expired_leases)
     with db.session() as session:
         assert session.get(Job, job.id).state == JobState.FAILED
         assert session.get(Study, STUDY).state == StudyState.RECEIVING
-        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+        session.get(Study, STUDY).last_received_at = db.now() - timedelta(hours=1)
     # ... and so the next scheduler pass gives the study its next job.
     assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
     with db.session() as session:
@@ -138,7 +138,7 @@ def test_a_store_waiting_on_the_scheduler_makes_its_study_receiving_again(
     out as no change), or the study is reported without its new instance."""
     record_instance(db, _record(STUDY + ".1.1"))
     with db.session() as session:  # quiet long ago
-        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+        session.get(Study, STUDY).last_received_at = db.now() - timedelta(hours=1)
     if db.is_sqlite:  # BEGIN IMMEDIATE serialises: the scheduler's pass simply comes first
         assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
         record_instance(db, _record(STUDY + ".1.2"))
@@ -165,7 +165,7 @@ def test_a_store_waiting_on_the_scheduler_makes_its_study_receiving_again(
         assert not thread.is_alive()
     with db.session() as session:
         assert session.get(Study, STUDY).state == StudyState.RECEIVING
-        session.get(Study, STUDY).last_received_at = utc_now() - timedelta(hours=1)
+        session.get(Study, STUDY).last_received_at = db.now() - timedelta(hours=1)
     # ... and so the next pass gives the study a job for both of its instances.
     assert enqueue_quiet_studies(db, 5, "1.0.0") == 1
     with db.session() as session:

@@ -16,6 +16,7 @@ from scxnn_node.dicom.scu import Peer, echo, send_files
 from scxnn_node.store.db import Database
 from scxnn_node.store.models import Instance
 from scxnn_node.store.spool import Spool
+from scxnn_node.testing.dcmtk import dcmtk_tool
 from scxnn_node.testing.loopback import free_port, node_config, wait_for
 from scxnn_node.testing.pki import Pki
 
@@ -181,7 +182,8 @@ def test_dcmtk_storescu_over_tls_to_the_node(tmp_path, pki):
     with TlsNode(tmp_path, tls, allowed_callers=callers) as node:
         run = subprocess.run(
             [
-                "storescu", "-xy", "+tls", str(client_key), str(client_cert), "+cf", str(pki.cert),
+                dcmtk_tool("storescu"), "-xy",
+                "+tls", str(client_key), str(client_cert), "+cf", str(pki.cert),
                 "-aet", "PACS", "-aec", "SCXNN", "127.0.0.1", str(node.config.node.port),
                 str(DATA / "siim_cr_negative.dcm"),
             ],
@@ -199,7 +201,8 @@ def test_node_sends_over_tls_to_dcmtk_storescp(tmp_path, pki):
     port = free_port()
     storescp = subprocess.Popen(
         [
-            "storescp", "+tls", str(server_key), str(server_cert), "+cf", str(pki.cert), "-rc",
+            dcmtk_tool("storescp"),
+            "+tls", str(server_key), str(server_cert), "+cf", str(pki.cert), "-rc",
             "+xa", "-aet", "PACS", "-od", str(received), str(port),
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

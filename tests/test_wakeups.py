@@ -26,7 +26,7 @@ from scxnn_node.store.assembly import (
     next_quiet_at,
     record_instance,
 )
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Study, Worker
 from scxnn_node.store.spool import Spool
 from scxnn_node.testing.dcmtk import Storescp, storescu
@@ -42,7 +42,7 @@ def _receive(db: Database, study: str, seconds_ago: float, state: str = "receivi
         s.execute(
             update(Study)
             .where(Study.study_instance_uid == study)
-            .values(state=state, last_received_at=utc_now() - timedelta(seconds=seconds_ago))
+            .values(state=state, last_received_at=db.now() - timedelta(seconds=seconds_ago))
         )
 
 
@@ -64,13 +64,13 @@ def test_next_quiet_at_is_the_first_waiting_study_s_last_arrival_plus_quiet(data
     db = Database(database_url)
     db.create_schema()
     try:
-        now = utc_now()
+        now = db.now()
         assert next_quiet_at(db, 10.0, now) is None  # nothing is receiving
         _receive(db, "1.1", seconds_ago=3)  # quiet in about 7 s: the first
         _receive(db, "1.2", seconds_ago=1)  # quiet in about 9 s
         _receive(db, "1.3", seconds_ago=8, state="reported")  # waits for nothing
         _receive(db, "1.4", seconds_ago=60)  # quiet already: the readiness run queues it now
-        now = utc_now()
+        now = db.now()
         assert next_quiet_at(db, 10.0, now) == _last_received(db, "1.1") + timedelta(seconds=10)
         # Once queued, the first study no longer counts; the next one does.
         with db.session() as s:
@@ -92,7 +92,7 @@ def test_next_quiet_at_does_not_wait_for_a_writer(tmp_path):
     writer = sqlite3.connect(path, isolation_level=None)
     try:
         writer.execute("BEGIN IMMEDIATE")  # an ingest commit in progress, say
-        assert next_quiet_at(db, 5.0, utc_now()) is not None
+        assert next_quiet_at(db, 5.0, db.now()) is not None
     finally:
         writer.rollback()
         writer.close()

@@ -23,7 +23,7 @@ from scxnn_node.decode_pool import decode_spooled_instance
 from scxnn_node.status import node_status
 from scxnn_node.store import workers
 from scxnn_node.store.assembly import InstanceRecord, enqueue_quiet_studies, record_instance
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import Delivery, Instance, Job, Result, Study
 from scxnn_node.store.queue import JobQueue
 from scxnn_node.store.retention import readable_instances
@@ -104,7 +104,7 @@ def _expire_and_recover(db: Database, job_id: int) -> None:
         s.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(lease_expires_at=utc_now() - timedelta(seconds=1))
+            .values(lease_expires_at=db.now() - timedelta(seconds=1))
         )
     assert JobQueue(db, "scheduler").recover_expired_leases() == 1
 

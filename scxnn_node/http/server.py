@@ -23,7 +23,7 @@ from scxnn_node.http.metrics import metrics_text
 from scxnn_node.http.status_page import render_status_page
 from scxnn_node.http.view import NodeView
 from scxnn_node.model.manifest import Manifest
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.results import retry_deliveries
 from scxnn_node.store.spool import Spool
 
@@ -108,7 +108,7 @@ class HttpServer:
             min_free_bytes=self.config.storage.min_free_bytes,
             manifest=view.manifest,
             retry_enabled=self.retry_token_set(),
-            now=utc_now(),
+            now=self.view.db.now(),
             message=message,
         )
 

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from scxnn_node.store.audit import append_audit, audit_row, reason_code
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database
 from scxnn_node.store.models import (
     AuditAction,
     AuditRecord,
@@ -55,7 +55,7 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
     """Commit an instance row, its audit record and (analysed) its study's `receiving`, in one
     transaction; False if the SOP instance was known. Core statements, not the ORM: this runs
     once per C-STORE, and the ORM's unit of work cost most of its CPU (bench/ingest.py)."""
-    now = utc_now()
+    now = db.now()
     statements = _ingest_statements(db.engine.dialect.name)
     with db.engine.begin() as connection:
         # ON CONFLICT DO NOTHING: a known instance (a re-send, or a concurrent association
@@ -78,7 +78,7 @@ def record_instance(db: Database, record: InstanceRecord) -> bool:
             ).first()
             is not None
         )
-        connection.execute(statements.audit, _receipt_row(record, duplicate=not inserted))
+        connection.execute(statements.audit, _receipt_row(record, duplicate=not inserted, at=now))
         if inserted and record.skip_reason is None:
             # An upsert that always writes `receiving` (a reported study gets an amended
             # result). On PostgreSQL it waits for a scheduler pass holding the study's row,
@@ -130,7 +130,7 @@ def _ingest_statements(dialect: str) -> _IngestStatements:
     )
 
 
-def _receipt_row(record: InstanceRecord, duplicate: bool) -> dict[str, Any]:
+def _receipt_row(record: InstanceRecord, duplicate: bool, at: datetime) -> dict[str, Any]:
     """A received instance's audit record: `received` (outcome stored, or duplicate of a known
     one), or, new and excluded by the filters, `skipped` with the reason's code; never both,
     so the records count each acknowledged C-STORE once."""
@@ -139,6 +139,7 @@ def _receipt_row(record: InstanceRecord, duplicate: bool) -> dict[str, Any]:
         "instance_uid": record.sop_instance_uid,
         "party": record.calling_ae,
         "size_bytes": record.size,
+        "at": at,
     }
     if duplicate:
         return audit_row(AuditAction.RECEIVED, outcome="duplicate", **fields)
@@ -184,7 +185,7 @@ def enqueue_quiet_studies(
 ) -> int:
     """Studies with no new instance for `quiet_seconds` before `now` (the present moment by
     default) get a job for their current instances; returns how many jobs were made."""
-    cutoff = quiet_cutoff(quiet_seconds, now or utc_now())
+    cutoff = quiet_cutoff(quiet_seconds, now or db.now())
     if not db.finds_any(_ANY_QUIET, {"cutoff": cutoff}):  # the usual answer, cheaply
         return 0
     queued = 0

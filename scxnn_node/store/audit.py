@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from scxnn_node.logs import hash_uids, redact, short_hash
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import AuditAction, AuditRecord
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,13 @@ _CODE_PREFIX = re.compile(r"([a-z][a-z_]{1,40}):")  # "not_dicom: ...", "unusabl
 def append_audit(session: Session, action: AuditAction, **fields: Any) -> None:
     """Add one record (fields as `audit_row` takes them) in the caller's transaction, so it
     commits with the change it records."""
-    session.add(AuditRecord(**audit_row(action, **fields)))
+    session.add(AuditRecord(**audit_row(action, at=session_now(session), **fields)))
 
 
 def audit_row(
     action: AuditAction,
     *,
+    at: datetime,
     study_uid: str = "",
     instance_uid: str = "",
     party: str = "",
@@ -60,7 +61,7 @@ def audit_row(
     """The column values of one record, identifiers hashed: for `append_audit`, and for an
     insert statement in a hot path (the C-STORE's) that skips the ORM."""
     return {
-        "at": utc_now(),
+        "at": at,
         "action": action,
         "study": short_hash(study_uid) if study_uid else "",
         "instance": short_hash(instance_uid) if instance_uid else "",

@@ -3,9 +3,12 @@ checked at the revision the code expects (store/migrate.py upgrades an older one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,28 @@ from scxnn_node.store.models import Base, Event
 # nodes starting together on one database (SQLite's BEGIN IMMEDIATE already does).
 _SCHEMA_LOCK = 0x5C7A0001
 _READING = "scxnn_reading"  # execution option of Database.reading's connections
+_CLOCK = "scxnn_clock"  # Session.info key: the Database.now of the session's database
+# How often a process reads PostgreSQL's clock again: a host clock stepped by NTP in between is
+# followed within this, and one round trip per process per period costs nothing.
+SERVER_CLOCK_REFRESH_SECONDS = 10.0
+_SERVER_UTC = text("SELECT timezone('UTC', clock_timestamp())")
+
+log = logging.getLogger(__name__)
 
 
 class SchemaMismatch(Exception):
     """The database's schema is not the revision this code uses."""
 
 
-def utc_now() -> datetime:
+def _host_utc() -> datetime:
     """Naive UTC (SQLite stores no zone; every timestamp here is UTC)."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def session_now(session: Session) -> datetime:
+    """Database.now() of the database a session (from Database.session) works on."""
+    clock: Callable[[], datetime] = session.info[_CLOCK]
+    return clock()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -66,7 +82,39 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={_CLOCK: self.now})
+        self._server_offset = timedelta(0)
+        self._server_offset_read_at = -SERVER_CLOCK_REFRESH_SECONDS  # monotonic; never read yet
+        self._server_clock_lock = threading.Lock()
+
+    def now(self) -> datetime:
+        """Naive UTC on the one clock that every node sharing this database reads. Leases,
+        heartbeats and a study's quiet time are compared across nodes, so a host whose clock is
+        off must not judge them by its own: on PostgreSQL this is the server's clock (this
+        host's, corrected by the offset last measured); SQLite is one host's file, its clock."""
+        if self.is_sqlite:
+            return _host_utc()
+        if time.monotonic() - self._server_offset_read_at >= SERVER_CLOCK_REFRESH_SECONDS:
+            self._read_server_clock()
+        return _host_utc() + self._server_offset
+
+    def _read_server_clock(self) -> None:
+        with self._server_clock_lock:
+            if time.monotonic() - self._server_offset_read_at < SERVER_CLOCK_REFRESH_SECONDS:
+                return  # another thread just read it
+            try:
+                with self.engine.connect() as connection:
+                    sent = _host_utc()
+                    server = connection.execute(_SERVER_UTC).scalar_one()
+                    answered = _host_utc()
+            except Exception as exc:  # the caller's own statement will meet the same outage
+                log.warning(
+                    "database clock not read (%s): keeping the last offset", type(exc).__name__
+                )
+            else:
+                # The server read its clock about halfway through the round trip.
+                self._server_offset = server - (sent + (answered - sent) / 2)
+            self._server_offset_read_at = time.monotonic()
 
     @property
     def shown_url(self) -> str:
@@ -151,7 +199,7 @@ class Database:
         with self.session() as session:
             message = redact(message)
             session.add(
-                Event(at=utc_now(), level=level, kind=kind, subject=subject, message=message)
+                Event(at=self.now(), level=level, kind=kind, subject=subject, message=message)
             )
 
     def checkpoint(self) -> None:

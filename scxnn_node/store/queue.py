@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased
 
 from scxnn_node.logs import redact
 from scxnn_node.store.audit import append_audit
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import AuditAction, Job, JobState, Study, StudyState
 
 MAX_RETRY_BACKOFF = timedelta(hours=1)
@@ -103,7 +103,7 @@ class JobQueue:
         ).first()
         if existing is not None:
             return None
-        now = utc_now()
+        now = session_now(session)
         session.execute(
             update(Job)
             .where(Job.study_instance_uid == study_instance_uid, Job.state == JobState.READY)
@@ -128,7 +128,7 @@ class JobQueue:
         if not self._any_ready():  # the idle worker's usual answer, without a write transaction
             return None
         with self.db.session() as session:
-            now = utc_now()
+            now = self.db.now()
             tried: list[int] = []
             for _ in range(1 if self.db.is_sqlite else CLAIM_CANDIDATES):
                 stmt = self._claimable(now).order_by(Job.id).limit(1)
@@ -151,7 +151,7 @@ class JobQueue:
         version = self.bundle_version
         return self.db.finds_any(
             _ANY_READY if version is None else _ANY_READY_OF_VERSION,
-            {"now": utc_now(), "version": version},
+            {"now": self.db.now(), "version": version},
         )
 
     def _claimable(self, now: datetime):
@@ -261,7 +261,7 @@ class JobQueue:
     def heartbeat(self, job_id: int) -> bool:
         """Extend the lease; False if this owner no longer holds the job."""
         with self.db.session() as session:
-            now = utc_now()
+            now = self.db.now()
             res = session.execute(
                 update(Job)
                 .where(self._held(job_id))
@@ -275,7 +275,10 @@ class JobQueue:
             update(Job)
             .where(self._held(job_id))
             .values(
-                state=JobState.DONE, lease_owner=None, lease_expires_at=None, updated_at=utc_now()
+                state=JobState.DONE,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=session_now(session),
             )
         )
         return res.rowcount == 1
@@ -288,7 +291,7 @@ class JobQueue:
             if not held:
                 job = session.get(Job, job_id)
                 return job.state if job is not None else "missing"
-            self._release(session, held[0], error, utc_now())
+            self._release(session, held[0], error, self.db.now())
             return held[0].state
 
     def hand_back(self, job_id: int) -> bool:
@@ -304,14 +307,14 @@ class JobQueue:
                     lease_owner=None,
                     lease_expires_at=None,
                     next_attempt_at=None,
-                    updated_at=utc_now(),
+                    updated_at=session_now(session),
                 )
             )
             return res.rowcount == 1
 
     def recover_expired_leases(self) -> int:
         """Jobs whose worker stopped heartbeating go back to ready (or failed at max attempts)."""
-        now = utc_now()
+        now = self.db.now()
         with self.db.session() as session:
             expired = self._locked(
                 session, Job.state == JobState.CLAIMED, Job.lease_expires_at < now
@@ -322,7 +325,7 @@ class JobQueue:
 
     def release_jobs_of(self, owner: str, error: str) -> int:
         """The jobs a worker known to be dead held are released now, not at lease expiry."""
-        now = utc_now()
+        now = self.db.now()
         with self.db.session() as session:
             held = self._locked(session, Job.state == JobState.CLAIMED, Job.lease_owner == owner)
             for job in held:
@@ -336,7 +339,7 @@ class JobQueue:
             if job_id is not None:
                 stmt = stmt.where(Job.id == job_id)
             jobs = list(session.execute(stmt).scalars())
-            now = utc_now()
+            now = self.db.now()
             for job in jobs:
                 job.state = JobState.READY
                 job.attempts = 0
@@ -354,7 +357,7 @@ class JobQueue:
         another bundle) become jobs of `bundle_version`; where that version already has a job
         for the same input, the old one is superseded. Returns how many moved or ended."""
         keep = {bundle_version, *served}
-        now = utc_now()
+        now = self.db.now()
         with self.db.session() as session:
             orphans = self._locked(
                 session, Job.state == JobState.READY, Job.bundle_version.not_in(keep)

@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BindParameter, ColumnElement, bindparam, select, update
+from sqlalchemy import BindParameter, ColumnElement, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from scxnn_node.logs import redact, short_hash
 from scxnn_node.store.audit import append_audit, reason_code
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import (
     AuditAction,
     Delivery,
@@ -143,7 +143,7 @@ def record_result(
     each destination (name -> output kinds), inside the caller's transaction: the one that
     completes the job under its lease, so that all of it becomes visible or none. A kind the
     job did not write (no SR of a study not analysed) is not delivered."""
-    now = utc_now()
+    now = session_now(session)
     sr = outputs.sr if outputs else None
     # A late instance after retention: the study's earlier files are gone, so this result is
     # of what is left. Said in the result and, for `status`, as a warning event.
@@ -239,7 +239,7 @@ _ANY_CLAIMABLE = select(Delivery.id).where(_claimable(bindparam("now"))).limit(1
 
 def any_due_delivery(db: Database) -> bool:
     """Whether a delivery could be claimed now: a cheap read, rechecked by the claim itself."""
-    return db.finds_any(_ANY_CLAIMABLE, {"now": utc_now()})
+    return db.finds_any(_ANY_CLAIMABLE, {"now": db.now()})
 
 
 def claim_due_deliveries(
@@ -250,7 +250,7 @@ def claim_due_deliveries(
     IMMEDIATE serialises the claims; PostgreSQL: FOR UPDATE SKIP LOCKED passes locked rows)."""
     if not any_due_delivery(db):  # the usual answer, without the claim's write transaction
         return []
-    now = utc_now()
+    now = db.now()
     with db.session() as session:
         stmt = select(Delivery.id).where(_claimable(now)).order_by(Delivery.id).limit(limit)
         if not db.is_sqlite:
@@ -283,7 +283,7 @@ def delivery_lease_owners(db: Database) -> list[str]:
         .distinct()
     )
     with db.reading() as connection:
-        return list(connection.execute(statement, {"now": utc_now()}).scalars())
+        return list(connection.execute(statement, {"now": db.now()}).scalars())
 
 
 def release_deliveries_of(db: Database, owners: Sequence[str]) -> int:
@@ -310,11 +310,23 @@ def record_attempts(
     dead after max_attempts (at once for a final failure); the lease ends either way. A
     delivery no longer pending or held by another owner is left alone. Returns how many were
     sent."""
-    now = utc_now()
+    now = db.now()
     sent = 0
     with db.session() as session:
+        # Locked, and read again once the lock is ours: a dispatcher retaking the delivery
+        # (this owner's lease ran out) may be committing its claim; PostgreSQL would otherwise
+        # let this write over it, judged on the row as it was (SQLite's BEGIN IMMEDIATE
+        # serialises).
+        held = session.execute(
+            select(Delivery)
+            .where(Delivery.id.in_([a.delivery_id for a in attempts]))
+            .order_by(Delivery.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalars()
+        by_id = {delivery.id: delivery for delivery in held}
         for attempt in attempts:
-            delivery = session.get(Delivery, attempt.delivery_id)
+            delivery = by_id.get(attempt.delivery_id)
             if (
                 delivery is None
                 or delivery.state != DeliveryState.PENDING
@@ -384,15 +396,25 @@ def retry_deliveries(
     db: Database, spool_root: Path, delivery_id: int | None = None, all_dead: bool = False
 ) -> RetryOutcome:
     """Dead (or any pending) deliveries back to pending, due now, attempts reset; one whose
-    outbox file is gone stays as it is and is reported."""
-    stmt = select(Delivery).where(Delivery.state != DeliveryState.SENT)
+    outbox file is gone stays as it is and is reported. One a dispatcher is sending right now
+    (a live lease) is left to it: reset, it would be sent again by another."""
+    now = db.now()
+    stmt = (
+        select(Delivery)
+        .where(
+            Delivery.state != DeliveryState.SENT,
+            or_(Delivery.lease_owner.is_(None), Delivery.lease_expires_at < now),
+        )
+        # Locked: a dispatcher recording `sent` meanwhile is waited for, and its row then
+        # fails the condition above instead of being turned back to pending.
+        .with_for_update()
+    )
     if delivery_id is not None:
         stmt = stmt.where(Delivery.id == delivery_id)
     elif all_dead:
         stmt = stmt.where(Delivery.state == DeliveryState.DEAD)
     else:
         raise ValueError("retry needs a delivery id or all_dead")
-    now = utc_now()
     retried = 0
     missing: list[tuple[int, str]] = []
     with db.session() as session:

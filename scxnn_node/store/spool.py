@@ -101,6 +101,20 @@ class Spool:
                 new.mkdir()
             fsync_path(new.parent)
 
+    def now(self) -> float:
+        """The spool file system's clock (seconds since the epoch): the modification time of a
+        file written just now. Files are dated by it, so their ages are measured on it, not on
+        this host's clock, which may disagree with it on a spool several nodes share."""
+        probe = self.root / "tmp" / f"{uuid.uuid4().hex}.clock"
+        try:
+            # A write, not an exclusive create: NFS keeps a create's verifier in the times.
+            with open(probe, "wb") as fh:
+                fh.write(b"\0")
+                fh.flush()
+                return os.fstat(fh.fileno()).st_mtime
+        finally:
+            probe.unlink(missing_ok=True)
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

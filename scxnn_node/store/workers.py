@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from scxnn_node.store.db import Database, utc_now
+from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import Worker
 
 MISSED_BEATS = 3  # a worker silent for this many beats is taken for gone
@@ -59,7 +59,7 @@ def beat(
 ) -> None:
     """Record that the worker is alive now (and what it works on, and its pipeline's seconds);
     it counts as alive until MISSED_BEATS beats of `every_s` seconds are missed."""
-    now = utc_now()
+    now = db.now()
     with db.session() as session:
         row = session.get(Worker, worker.owner)
         if row is None:
@@ -89,7 +89,7 @@ def forget(db: Database, owner: str) -> None:
 def live_workers(session: Session) -> list[LiveWorker]:
     """Workers whose last beat is recent enough (read inside the caller's transaction)."""
     rows = session.execute(
-        select(Worker).where(Worker.alive_until >= utc_now()).order_by(Worker.owner)
+        select(Worker).where(Worker.alive_until >= session_now(session)).order_by(Worker.owner)
     ).scalars()
     return [
         LiveWorker(
@@ -114,5 +114,5 @@ def served_versions(db: Database) -> set[str]:
 def forget_silent(db: Database, silent_for: timedelta) -> int:
     """Rows of workers gone (killed, host lost) for longer than `silent_for` are deleted."""
     with db.session() as session:
-        res = session.execute(delete(Worker).where(Worker.alive_until < utc_now() - silent_for))
+        res = session.execute(delete(Worker).where(Worker.alive_until < db.now() - silent_for))
         return res.rowcount

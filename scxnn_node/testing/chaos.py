@@ -19,8 +19,9 @@ from pydicom.uid import generate_uid
 from scxnn_node.store.models import DeliveryState, JobState
 from scxnn_node.testing.audit import Audit, Auditor, NodeDatabase, wait_settled
 from scxnn_node.testing.datasets import chest_dataset, write_part10
+from scxnn_node.testing.dcmtk import Storescp
 from scxnn_node.testing.node_process import NodeProcess, bundle_version, send_signal, serve_config
-from scxnn_node.testing.peers import LoopbackPacs, Sent, send_until_acknowledged, wait_until
+from scxnn_node.testing.peers import Sent, send_until_acknowledged, wait_until
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ FAULTS = (
     "pacs_down",  # the destination goes away for a few seconds
     "restart",  # SIGTERM, then start again
     "switch_bundle",  # kill -9, restart with the other bundle
+    "database_drop",  # PostgreSQL ends every connection of the node's (a restart, a failover)
 )
 
 
@@ -69,9 +71,15 @@ class ChaosRun:
         self.root = root
         self.bundles = list(bundles)
         self.plan = plan
-        self.faults = [f for f in faults if f != "switch_bundle" or len(self.bundles) > 1]
+        on_postgres = database_url is not None and database_url.startswith("postgresql")
+        self.faults = [
+            f
+            for f in faults
+            if (f != "switch_bundle" or len(self.bundles) > 1)
+            and (f != "database_drop" or on_postgres)
+        ]
         self.rng = np.random.default_rng(plan.seed)
-        self.pacs = LoopbackPacs(root / "pacs")
+        self.pacs = Storescp(root / "pacs")
         config = serve_config(
             root / "node",
             self.bundles[0],
@@ -160,6 +168,8 @@ class ChaosRun:
                 name = "kill_helper (none running)"
         elif name == "pause_mid_job":
             name = self._pause_mid_job()
+        elif name == "database_drop":
+            name = f"database_drop ({_drop_connections(node.database_url)} connections)"
         elif name == "pacs_down":
             pacs.stop()
             time.sleep(float(self.rng.uniform(1, 4)))
@@ -302,6 +312,26 @@ def _open_work(db: NodeDatabase) -> str:
         for d in deliveries
     ]
     return f"at {now:%H:%M:%S} UTC: " + ("; ".join(lines) or "a study receiving")
+
+
+def _drop_connections(database_url: str, seconds: float = 2.0) -> int:
+    """End every session on the node's PostgreSQL database, again and again for `seconds`
+    (a server restarting, a failover), so that some are cut mid-transaction; returns how many
+    sessions were ended."""
+    db = NodeDatabase(database_url)
+    ended = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            rows = db.rows(
+                "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            ended += sum(bool(r["ended"]) for r in rows)
+            time.sleep(0.05)
+        return ended
+    finally:
+        db.dispose()
 
 
 def _job_state(db: NodeDatabase, job_id: int) -> str:

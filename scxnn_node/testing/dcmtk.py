@@ -3,11 +3,30 @@ meets in tests and benchmarks (real processes on loopback sockets, no mocks)."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import socket
 import subprocess
+import time
+from functools import cache
 from pathlib import Path
 
-from scxnn_node.testing.loopback import free_port
+from scxnn_node.testing.peers import PACS_AE, free_port
+
+
+@cache
+def dcmtk_tool(name: str) -> str:
+    """The path of dcmtk's `name` (storescp, storescu, echoscu) on PATH, passing over Python
+    scripts of that name: pynetdicom installs its own storescp and storescu, with other options,
+    into the virtual environment, and an activated venv puts them first."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            with open(candidate, "rb") as fh:
+                if b"python" not in fh.readline():
+                    return str(candidate)
+    raise FileNotFoundError(f"dcmtk's {name} is not on PATH (Debian package dcmtk)")
+
 
 # storescu proposes what it is told; a PACS proposes each file's own transfer syntax.
 _PROPOSE = {
@@ -41,7 +60,7 @@ def storescu(
     for option, group in groups.items():
         run = subprocess.run(
             [
-                "storescu",
+                dcmtk_tool("storescu"),
                 option,
                 "-R",
                 "-aet",
@@ -63,20 +82,23 @@ def storescu(
 
 
 class Storescp:
-    """dcmtk storescp standing in for the PACS: receives into `directory`."""
+    """dcmtk storescp standing in for the PACS: receives into `directory` and keeps it all;
+    stopped with SIGKILL, as a PACS that goes away mid-association would be."""
 
-    def __init__(self, directory: Path, port: int | None = None, aet: str = "PACS") -> None:
+    def __init__(self, directory: Path, port: int | None = None, aet: str = PACS_AE) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.aet = aet
         self.process: subprocess.Popen | None = None
+        atexit.register(self.stop)  # an interrupted run leaves no peer behind
 
     def command(self) -> list[str]:
-        return ["storescp", "-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)]
+        return [
+            dcmtk_tool("storescp"),
+            *("-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)),
+        ]
 
     def start(self) -> Storescp:
-        import time
-
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -90,11 +112,17 @@ class Storescp:
         self.stop()
         raise RuntimeError(f"{' '.join(self.command())} did not start")
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
+            self.process.kill()
             self.process.wait(10)
             self.process = None
 
     def received(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
         return sorted(p for p in self.directory.iterdir() if p.is_file())

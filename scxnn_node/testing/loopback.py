@@ -3,18 +3,12 @@ a temp folder, and polling for what it produces."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from scxnn_node.config import NodeConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from scxnn_node.testing.peers import free_port
 
 
 def node_config(tmp: Path, **sections: Any) -> NodeConfig:

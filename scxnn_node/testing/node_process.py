@@ -161,9 +161,17 @@ class NodeProcess:
     """`scxnn-node serve --config FILE` in a process group of its own; its output goes to
     serve.log under `root`. Every process the node starts (workers) shares the group."""
 
-    def __init__(self, config: dict[str, Any], root: Path) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        root: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.root = root
+        # Variables added to the environment of the node and of its commands (cli).
+        self.env = {**os.environ, **(env or {})}
         self.config_path = root / "config.json"  # JSON is YAML
         self.process: subprocess.Popen | None = None
         self.starts = 0
@@ -203,6 +211,7 @@ class NodeProcess:
             log.flush()
             self.process = subprocess.Popen(
                 [*SERVE, "--config", str(self.config_path)],
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -262,6 +271,7 @@ class NodeProcess:
         self.write_config()
         return subprocess.run(
             [sys.executable, "-m", "scxnn_node.cli", *args, "--config", str(self.config_path)],
+            env=self.env,
             capture_output=True,
             text=True,
             timeout=timeout,

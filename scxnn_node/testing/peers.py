@@ -1,6 +1,6 @@
-"""The DICOM peers the node meets on loopback: a pynetdicom sender that sends each file's bytes
-exactly as they are (C-ECHO, C-STORE, and re-sending like a PACS until acknowledged), and dcmtk
-storescp as the PACS that receives what the node delivers.
+"""The DICOM sender the node meets on loopback: pynetdicom sending each file's bytes exactly as
+they are (C-ECHO, C-STORE, and re-sending like a PACS until acknowledged). The PACS that receives
+what the node delivers is dcmtk's storescp (testing/dcmtk.py).
 
 Like the rest of the black-box harness (node_process, datasets, audit, chaos) it reaches the
 node only from outside: DICOM on loopback sockets here.
@@ -8,10 +8,8 @@ node only from outside: DICOM on loopback sockets here.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import socket
-import subprocess
 import threading
 import time
 import warnings
@@ -53,45 +51,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout:.0f} s")
         time.sleep(interval)
-
-
-# --- the PACS the node delivers to --------------------------------------------------------
-
-
-class LoopbackPacs:
-    """dcmtk storescp on a loopback port standing in for the PACS; keeps what it receives."""
-
-    def __init__(self, directory: Path, port: int | None = None, aet: str = PACS_AE) -> None:
-        self.directory = directory
-        self.port = port or free_port()
-        self.aet = aet
-        self.process: subprocess.Popen | None = None
-        atexit.register(self.stop)
-
-    def start(self) -> LoopbackPacs:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "+xa", "-od", str(self.directory), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(lambda: echo(self.port, aec=self.aet, timeout=2), 30, 0.1)
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def received(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if p.is_file())
 
 
 # --- DICOM as a sender sees it -----------------------------------------------------------

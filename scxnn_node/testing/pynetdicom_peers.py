@@ -9,7 +9,6 @@ The tests keep using dcmtk; benchmarks choose with `pick`.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -56,7 +55,11 @@ def pick(kind: str = "auto") -> tuple[type[dcmtk.Storescp], Storescu, str]:
     """(Storescp, storescu, name) of dcmtk, or of pynetdicom; 'auto' takes dcmtk where both its
     tools are on PATH."""
     if kind == "auto":
-        kind = "dcmtk" if shutil.which("storescp") and shutil.which("storescu") else "pynetdicom"
+        try:
+            dcmtk.dcmtk_tool("storescp"), dcmtk.dcmtk_tool("storescu")
+            kind = "dcmtk"
+        except FileNotFoundError:
+            kind = "pynetdicom"
     if kind == "dcmtk":
         return dcmtk.Storescp, dcmtk.storescu, "dcmtk"
     if kind == "pynetdicom":
