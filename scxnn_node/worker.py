@@ -51,7 +51,7 @@ from scxnn_node.store.models import OutputKind
 from scxnn_node.store.queue import ClaimedJob, JobQueue, LostLease
 from scxnn_node.store.results import JobOutputs, SrReference, latest_report, record_result
 from scxnn_node.store.retention import readable_instances
-from scxnn_node.store.spool import Spool
+from scxnn_node.store.spool import Spool, is_full_disk
 from scxnn_node.triage import PreparedInstance, triage_studies, triage_study
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,8 @@ class TriageWorker:
 
     def _conclude(self, job: ClaimedJob, triage: Callable[[], Triaged]) -> None:
         """Triage a held job and commit its outcome; otherwise the job is handed back (the
-        worker is stopping), abandoned (its lease is gone) or failed (anything else)."""
+        worker is stopping), abandoned (its lease is gone), postponed (the spool's disk is
+        full) or failed (anything else)."""
         try:
             triaged = triage()
             self._finish(job, triaged)
@@ -353,12 +354,24 @@ class TriageWorker:
         except LostLease as exc:
             log.warning("job %d abandoned, nothing made visible: %s", job.id, exc)
         except Exception as exc:
+            if is_full_disk(exc):
+                self._postpone(job, exc)
+                return
             log.exception("job %d failed", job.id)
             try:
                 state = self.queue.fail(job.id, f"{type(exc).__name__}: {exc}")
                 log.warning("job %d is now %s", job.id, state)
             except Exception:
                 log.exception("job %d: could not record its failure; its lease will expire", job.id)
+
+    def _postpone(self, job: ClaimedJob, exc: BaseException) -> None:
+        """The spool's disk is full: the study waits, its attempts unspent (the SCP refuses
+        new instances meanwhile; scxnn_spool_free_bytes is what to alert on)."""
+        log.error("job %d postponed, the spool's disk is full: %s", job.id, exc)
+        try:
+            self.queue.postpone(job.id, f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("job %d: could not postpone it; its lease will expire", job.id)
 
     @staticmethod
     def _log_outcome(job: ClaimedJob, result: StudyResult) -> None:

@@ -679,3 +679,48 @@ def test_the_worker_counts_its_engine_waiting_for_decoding(make_config, db, spoo
     (shown,) = node_status(db)["workers"]
     assert shown["decode_wait_seconds"] == round(seconds.decode_wait, 3)
     assert shown["engine_seconds"] == round(seconds.engine, 3)
+
+
+def test_a_full_spool_postpones_the_study_without_spending_its_attempts(
+    tmp_path, small_bundle_dir, database_url, small_filesystem
+):
+    """The spool's disk fills (the kernel's ENOSPC) just as the worker writes a study's SR:
+    the disk's fault, not the study's. However often that happens, the study waits ready with
+    its attempts unspent and no outputs half-written; once space is freed it is reported."""
+    fs = small_filesystem.mount(8 << 20)
+    config = node_config(
+        tmp_path,
+        database={"url": database_url},
+        # the ONNX cache off the full disk: a worker that cannot write it does not start
+        # (test_compile_cache.py has that case); this test is about the study's outputs
+        model={"bundle": str(small_bundle_dir), "onnx_cache_dir": str(tmp_path / "onnx-cache")},
+        storage={"spool_dir": str(fs / "spool")},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
+        worker={"max_attempts": 2, "retry_backoff_seconds": 0.2, "decode_processes": 0},
+    )
+    db = Database(config.database.url)
+    db.create_schema()
+    spool = Spool(config.storage.spool_dir)
+    study = _queued_study(db, spool)
+    filler = small_filesystem.fill(fs)
+    worker = TriageWorker(config, "cpu")
+    try:
+        for _ in range(2 * config.worker.max_attempts):
+            wait_for(worker.process_next, 10, interval=0.05)
+            with db.session() as s:
+                job = s.execute(select(Job)).scalar_one()
+                assert (job.state, job.attempts) == ("ready", 0)
+                assert "No space left" in job.last_error
+                assert s.get(Study, study).state != "failed"
+            assert not _outbox_files(spool)
+            assert not worker.process_next()  # it waits before trying again
+        filler.unlink()
+        wait_for(worker.process_next, 10, interval=0.05)
+        with db.session() as s:
+            assert s.execute(select(Job)).scalar_one().state == "done"
+            assert s.get(Study, study).state == "reported"
+            deliveries = list(s.execute(select(Delivery)).scalars())
+            assert {d.kind for d in deliveries} == {"sr", "summary"}
+            assert all(spool.absolute(d.path).is_file() for d in deliveries)
+    finally:
+        db.dispose()

@@ -6,9 +6,11 @@ PostgreSQL: FOR UPDATE SKIP LOCKED lets workers pass each other's locked rows). 
 claims only jobs of the bundle version it serves, never one that is backing off after a failed
 attempt, and never one whose study has another job claimed: one worker at a time works on a
 study, so the study's results form one chain (each amends the one before).
-The lease operations (heartbeat, complete, fail, hand back) act only on a job this owner still
-holds; a job given up, by its worker or by lease recovery, goes through one release step. As
-jobs end, their study's state follows (failed for good: the study is failed, not waiting).
+The lease operations (heartbeat, complete, fail, hand back, postpone) act only on a job this
+owner still holds. A job given up for the study's sake, by its worker or by lease recovery, goes
+through one release step; one handed back (its worker stops) or postponed (the spool's disk is
+full) spends no attempt. As jobs end, their study's state follows (failed for good: the study is
+failed, not waiting).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from scxnn_node.store.db import Database, session_now
 from scxnn_node.store.models import AuditAction, Job, JobState, Study, StudyState
 
 MAX_RETRY_BACKOFF = timedelta(hours=1)
+MIN_POSTPONE = timedelta(seconds=1)
 CLAIM_CANDIDATES = 20  # PostgreSQL: jobs tried per claim when other workers hold their studies
 OPEN_JOB_STATES = (JobState.READY, JobState.CLAIMED)
 
@@ -297,7 +300,21 @@ class JobQueue:
     def hand_back(self, job_id: int) -> bool:
         """Give a held job back unfinished, as a stopping worker does: ready at once, and the
         attempt it made is not counted (nothing went wrong with the study)."""
+        return self._uncounted_release(job_id, timedelta(0), None)
+
+    def postpone(self, job_id: int, error: str) -> bool:
+        """Give a held job back after a fault of the node's, not of the study's (its spool's
+        disk is full): ready after the first backoff (at least a second, so a full disk is
+        not a busy loop), the attempt not counted, so no study fails however long it lasts."""
+        delay = max(self.backoff(1), MIN_POSTPONE)
+        return self._uncounted_release(job_id, delay, redact(error)[:2000])
+
+    def _uncounted_release(self, job_id: int, delay: timedelta, error: str | None) -> bool:
+        """A held job ready again after `delay`, its attempt not counted; False if this owner
+        no longer holds it."""
         with self.db.session() as session:
+            now = session_now(session)
+            values = {"last_error": error} if error is not None else {}
             res = session.execute(
                 update(Job)
                 .where(self._held(job_id))
@@ -306,8 +323,9 @@ class JobQueue:
                     attempts=Job.attempts - 1,
                     lease_owner=None,
                     lease_expires_at=None,
-                    next_attempt_at=None,
-                    updated_at=session_now(session),
+                    next_attempt_at=now + delay if delay else None,
+                    updated_at=now,
+                    **values,
                 )
             )
             return res.rowcount == 1

@@ -15,6 +15,12 @@ from scxnn_node.atomic_file import fsync_path
 from scxnn_node.logs import short_hash
 
 AREAS = ("instances", "rejected", "outbox", "tmp")
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """The file system (or the node's quota on it) is full: the place's fault, not the data's."""
+    return isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS
 
 
 def uid_file_stem(uid: str) -> str:
