@@ -5,7 +5,9 @@ the SVM and the member temperatures. On the "calibration" part, which nothing wa
 the Neyman-Pearson threshold and the critical safety net, both on study-level values computed
 as the node computes them (scxnn_node/model/decision.py: a study's score is its highest
 image score, a finding's target probability its highest image probability, after the
-temperatures). Without study ids every image is its own study. Numpy only: the logits come in
+temperatures). Without study ids every image is its own study. The order statistics and
+the results' intervals count one study per patient and class (training/one_study_per_patient.py):
+a patient's studies are not independent cases. Numpy only: the logits come in
 already computed (at the precision the node serves).
 """
 
@@ -31,6 +33,7 @@ from training.calibration_split import FitCalibrationSplit, split_fit_calibratio
 from training.critical_safety_net import fit_critical_safety_net
 from training.held_out_threshold import held_out_operating_point
 from training.metrics import proportion
+from training.one_study_per_patient import ONE_STUDY_PER_PATIENT, one_study_per_patient
 from training.second_stage_fit import fit_second_stage
 from training.temperature import (
     UNKNOWN,
@@ -173,17 +176,24 @@ def calibrate(
     ]
     s_known = np.array([a is not None for a in study_abnormal], dtype=bool)
     s_y = np.array([a == 1 for a in study_abnormal], dtype=int)
+    # The order statistics see one study per patient and class: independent units.
+    study_patients = [images.patient_ids[cal_rows[g[0]]] for g in groups]
+    units = np.flatnonzero(one_study_per_patient(study_patients, study_abnormal, calibration_seed))
     fit_known = fit_rows[known[fit_rows]]
     op = held_out_operating_point(
-        study_scores[s_known],
-        s_y[s_known],
+        study_scores[units],
+        s_y[units],
         n_fit_abnormal=int(y[fit_known].sum()),
         n_fit_normal=int((1 - y[fit_known]).sum()),
         target_sensitivity=target_sensitivity,
         confidence=confidence,
     )
     net = fit_critical_safety_net(
-        findings, study_target, study_labels, critical_miss_rate, confidence
+        findings,
+        study_target[units],
+        [study_labels[i] for i in units],
+        critical_miss_rate,
+        confidence,
     )
     fired = net.fired_matrix(study_target, names).any(axis=1)
     svm_abnormal = study_scores >= op.threshold
@@ -199,6 +209,8 @@ def calibrate(
             "n_calibration_patients": len(split.calibration_patients),
             "n_calibration_images": len(cal_rows),
             "n_calibration_studies": len(groups),
+            "n_abnormal_studies_all": int(s_y[s_known].sum()),
+            "independent_units": ONE_STUDY_PER_PATIENT,
             "n_fit_patients": len(split.fit_patients),
             "n_fit_images": len(fit_rows),
         },
@@ -217,6 +229,9 @@ def calibrate(
                 "abnormal_studies": int(s_y[s_known].sum()),
                 "normal_studies": int((1 - s_y[s_known]).sum()),
                 "unknown_studies": int((~s_known).sum()),
+                # what the guarantees and the results below count: one per patient and class
+                "independent_abnormal_studies": int(s_y[units].sum()),
+                "independent_normal_studies": int((1 - s_y[units]).sum()),
             },
         },
         "second_stage": op.to_dict(),
@@ -236,6 +251,17 @@ def calibrate(
             for m, name in enumerate(names)
         },
         "results": study_results(
+            findings,
+            s_known[units],
+            s_y[units],
+            called_abnormal[units],
+            svm_abnormal[units],
+            [study_labels[i] for i in units],
+            study_target[units],
+        ),
+        # every calibration study: counts to read beside the above, whose intervals would be
+        # too narrow here (a patient's studies are not independent)
+        "results_every_study": study_results(
             findings, s_known, s_y, called_abnormal, svm_abnormal, study_labels, study_target
         ),
     }

@@ -121,7 +121,11 @@ def render_model_card(
         f"{cal['studies']} {_plural(unit)}: {cal['abnormal_studies']} "
         f"abnormal, {cal['normal_studies']} normal, {cal['unknown_studies']} of unknown status. "
         f"Scores at {calibration['precision']} precision, the precision the node serves "
-        "this bundle at; a study's score is its highest image score.",
+        "this bundle at; a study's score is its highest image score. A patient's "
+        f"{_plural(unit)} are not independent cases, so the thresholds and the results below "
+        f"count one {unit} per patient and class, drawn with the split's seed: "
+        f"{cal.get('independent_abnormal_studies', '?')} abnormal, "
+        f"{cal.get('independent_normal_studies', '?')} normal.",
         "",
         "## Guarantee achieved",
         "",
@@ -161,7 +165,8 @@ def render_model_card(
         "",
         "## Results on the calibration set",
         "",
-        f"Per {unit}, 95% Clopper-Pearson intervals. These are the {_plural(unit)} the "
+        f"One {unit} per patient and class, 95% Clopper-Pearson intervals. These are the "
+        f"{_plural(unit)} the "
         "thresholds were set on, so they describe the calibration, not new patients: "
         "held-out test results come from `scxnn-train evaluate` on the run's test split.",
         "",
