@@ -137,8 +137,8 @@ def test_evaluate_reports_studies_as_the_node_triages_them(tmp_path: Path):
         ),
         # s3: only a lateral view: not analysed
         ManifestRow(_dicom(d / "lat2.dcm", 5, "LL"), "P3", {"nodule": 1, "cardiomegaly": 0}),
-        # an image of its own (no study id)
-        ManifestRow(_png(d / "c.png", 6), "P4", {"nodule": 0, "cardiomegaly": 1}),
+        # an image of its own (no study id), a second abnormal study of P1's
+        ManifestRow(_png(d / "c.png", 6), "P1", {"nodule": 0, "cardiomegaly": 1}),
     ]
     manifest = write_manifest(d / "manifest.csv", rows, ["nodule", "cardiomegaly"])
     out = tmp_path / "eval"
@@ -193,6 +193,11 @@ def test_evaluate_reports_studies_as_the_node_triages_them(tmp_path: Path):
     assert "level" in json.loads((out / "metrics.json").read_text())["study"]
     report = (out / "report.md").read_text()
     assert "## Studies" in report and "95% CI" in report
+    # P1's two abnormal studies are one independent case: the intervals to quote count it once
+    independent = metrics["study_one_per_patient"]
+    assert independent["sensitivity_detail"]["n"] == 2 and independent["n_studies"] == 3
+    assert independent["specificity_detail"]["n"] == 1
+    assert "One study per patient and class" in report
 
 
 def test_the_runs_resolved_manifest_keeps_studies_and_normal_statements(tmp_path: Path):

@@ -5,7 +5,9 @@ preprocessing, the members and the second stage at the operating point. Per stud
 decides: rows grouped by `study_id` (a study per image without one) and triaged by the node's
 own path (selection, preprocessing, engine, study aggregation, safety net; see
 training/study_triage.py) on the requested device and precision. Both carry 95 % Clopper-
-Pearson intervals, Table 3 included.
+Pearson intervals, Table 3 included. Those assume independent cases, which several images or
+studies of one patient are not; the study level is therefore given again on one study per
+patient and class (training/one_study_per_patient.py), the intervals to quote.
 
 A manifest that shares a patient or an image's content with the bundle's training data
 (training/provenance.py) is refused: numbers on seen data claim nothing.
@@ -40,6 +42,7 @@ from scxnn_node.model.result import MEMBER_CLASSES, TARGET, MemberCall, StudyRes
 from training.cache import build_cache
 from training.dataset import SPLITS, DatasetManifest, ManifestError, load_manifest
 from training.metrics import EvaluationInputs, StudyCall, study_metrics, triage_metrics
+from training.one_study_per_patient import one_study_per_patient
 from training.provenance import PROVENANCE_FILE, bundle_provenance
 from training.reliability_figure import write_reliability_diagram
 from training.studies import Study, group_studies
@@ -47,6 +50,8 @@ from training.study_triage import triage_studies
 from training.temperature import expected_calibration_error, member_reliability
 
 log = logging.getLogger(__name__)
+
+INDEPENDENT_STUDIES_SEED = 0  # which study of a patient's counts in the independent figures
 
 
 def select_split(manifest: DatasetManifest, split: str) -> tuple[DatasetManifest, str]:
@@ -175,6 +180,16 @@ def write_report(path: Path, metrics: dict[str, Any]) -> None:
         ]
     if "study" in metrics:
         lines += _study_lines(metrics["study"], metrics["engine"])
+    if "study_one_per_patient" in metrics:
+        one = metrics["study_one_per_patient"]
+        lines += [
+            "",
+            f"One study per patient and class ({one['n_studies']} studies, drawn with seed "
+            f"{INDEPENDENT_STUDIES_SEED}): a patient's studies are not independent cases, so "
+            "these are the intervals to quote, the ones above are too narrow when patients "
+            f"have several studies. Sensitivity {_proportion(one['sensitivity_detail'])}, "
+            f"specificity {_proportion(one['specificity_detail'])}.",
+        ]
     lines += [
         "",
         "## Images: normal / abnormal (thesis Table 2)",
@@ -366,11 +381,18 @@ def evaluate_bundle(
     metrics = triage_metrics(inputs)
     studies = group_studies(entries)
     results = triage_studies(engine, studies, cached, policy, progress)
+    calls = [study_call(st, r) for st, r in zip(studies, results, strict=True)]
+    independent = one_study_per_patient(
+        [st.entries[0].patient_id for st in studies],
+        [st.abnormal for st in studies],
+        INDEPENDENT_STUDIES_SEED,
+    )
     metrics.update(
         level="image",
-        study=study_metrics(
+        study=study_metrics(bundle.manifest.findings, calls),
+        study_one_per_patient=study_metrics(
             bundle.manifest.findings,
-            [study_call(st, r) for st, r in zip(studies, results, strict=True)],
+            [c for c, keep in zip(calls, independent, strict=True) if keep],
         ),
         engine={"device": device, "precision": engine.precision},  # as resolved ("auto")
         bundle={
