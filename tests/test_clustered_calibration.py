@@ -1,4 +1,4 @@
-"""The miss-rate guarantee when patients have several studies (follow-ups, repeat films).
+"""The miss-rate guarantees when patients have several studies (follow-ups, repeat films).
 
 A statistician's attack: the Neyman-Pearson threshold is an order statistic of abnormal
 calibration scores, valid when those are independent. Eight studies of one patient are scored
@@ -10,6 +10,7 @@ at a miss rate <= 10 % with 90 % confidence must exceed 10 % on fresh patients i
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binom
@@ -18,6 +19,7 @@ from scxnn_node.findings import THESIS_CATALOGUE
 from scxnn_node.model.decision import abnormality_scores
 from scxnn_node.model.result import NORMAL, OTHERS, TARGET
 from training.calibrate import ValidationImages, calibrate
+from training.critical_safety_net import fit_critical_safety_net
 from training.one_study_per_patient import ONE_STUDY_PER_PATIENT, one_study_per_patient
 
 FINDINGS = THESIS_CATALOGUE.subset(["nodule", "cardiomegaly"])
@@ -113,3 +115,47 @@ def test_one_study_is_drawn_per_patient_and_class(studies, seed):
     assert None not in {s for _, s in drawn}  # unknown status never counts
     assert set(drawn) == {(p, s) for p, s in zip(patients, status, strict=True) if s is not None}
     assert (one_study_per_patient(patients, status, seed) == chosen).all()  # the seed decides
+
+
+def test_the_safety_net_counts_each_patient_with_the_finding_once():
+    """Every abnormal patient has a pneumothorax study and a nodule-only study: the safety net
+    for pneumothorax counts each patient once, by one of their pneumothorax studies, whichever
+    abnormal study the second stage's threshold drew."""
+    findings = THESIS_CATALOGUE.subset(["pneumothorax", "nodule"])
+    rng = np.random.default_rng(1)
+    ids, study_ids, labels, logits, classes, abnormal = [], [], [], [], [], []
+    for p in range(600):
+        sick = p % 2 == 0
+        studies = [(1, 0), (0, 1), (1, 0)] if sick else [(0, 0)]
+        for s, (pneumothorax, nodule) in enumerate(studies):
+            truth = [
+                TARGET if pneumothorax else OTHERS if sick else NORMAL,
+                TARGET if nodule else OTHERS if sick else NORMAL,
+            ]
+            row = rng.normal(0, 1, (2, 3))
+            row[np.arange(2), truth] += 2.0
+            ids.append(f"P{p}")
+            study_ids.append(f"P{p}.S{s}")
+            labels.append({"pneumothorax": pneumothorax, "nodule": nodule})
+            logits.append(row)
+            classes.append(truth)
+            abnormal.append(int(sick))
+    images = ValidationImages(np.array(logits), ids, study_ids, labels, abnormal, np.array(classes))
+    result = calibrate(findings, images, target_sensitivity=0.9, critical_miss_rate=0.02)
+    cal = result.split.calibration_mask(images.patient_ids)
+    rows = zip(images.patient_ids, images.abnormal, cal, strict=True)
+    sick_patients = {p for p, a, c in rows if a and c}
+    (net,) = result.safety_net.thresholds
+    assert net.finding == "pneumothorax"
+    assert net.n_positive == len(sick_patients) >= 149  # 2 % at 95 % needs 149
+    assert result.operating_point.validation["n_abnormal"] == len(sick_patients)
+
+
+def test_the_safety_net_refuses_patients_that_do_not_match_its_studies():
+    findings = THESIS_CATALOGUE.subset(["pneumothorax"])
+    probs = np.full((3, 1), 0.5)
+    labels = [{"pneumothorax": 1}] * 3
+    with pytest.raises(ValueError, match="one patient per study"):
+        fit_critical_safety_net(findings, probs, labels, patients=["P1", "P2"])
+    net = fit_critical_safety_net(findings, probs, labels, patients=["P1", "P1", "P2"])
+    assert net.thresholds[0].available == 2  # two patients, however many studies

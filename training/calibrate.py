@@ -5,9 +5,10 @@ the SVM and the member temperatures. On the "calibration" part, which nothing wa
 the Neyman-Pearson threshold and the critical safety net, both on study-level values computed
 as the node computes them (scxnn_node/model/decision.py: a study's score is its highest
 image score, a finding's target probability its highest image probability, after the
-temperatures). Without study ids every image is its own study. The order statistics and
-the results' intervals count one study per patient and class (training/one_study_per_patient.py):
-a patient's studies are not independent cases. Numpy only: the logits come in
+temperatures). Without study ids every image is its own study. A patient's studies are not
+independent cases (training/one_study_per_patient.py): the threshold and the results' intervals
+count one study per patient and class, the safety net one positive study per patient and
+finding. Numpy only: the logits come in
 already computed (at the precision the node serves).
 """
 
@@ -176,7 +177,8 @@ def calibrate(
     ]
     s_known = np.array([a is not None for a in study_abnormal], dtype=bool)
     s_y = np.array([a == 1 for a in study_abnormal], dtype=int)
-    # The order statistics see one study per patient and class: independent units.
+    # The threshold sees one study per patient and class, the safety net one positive study
+    # per patient and finding: independent units.
     study_patients = [images.patient_ids[cal_rows[g[0]]] for g in groups]
     units = np.flatnonzero(one_study_per_patient(study_patients, study_abnormal, calibration_seed))
     fit_known = fit_rows[known[fit_rows]]
@@ -190,10 +192,12 @@ def calibrate(
     )
     net = fit_critical_safety_net(
         findings,
-        study_target[units],
-        [study_labels[i] for i in units],
+        study_target,
+        study_labels,
         critical_miss_rate,
         confidence,
+        patients=study_patients,  # each finding: one positive study per patient
+        seed=calibration_seed,
     )
     fired = net.fired_matrix(study_target, names).any(axis=1)
     svm_abnormal = study_scores >= op.threshold

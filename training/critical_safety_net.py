@@ -22,6 +22,7 @@ from scxnn_node.model.safety_net import (
     InsufficientPositives,
     SafetyNetThreshold,
 )
+from training.one_study_per_patient import one_study_per_patient
 from training.second_stage_fit import min_abnormal_for_guarantee, np_order_statistic
 
 log = logging.getLogger(__name__)
@@ -84,21 +85,30 @@ def fit_critical_safety_net(
     labels: Sequence[Mapping[str, int | None]],
     miss_rate: float = 0.01,
     confidence: float = 0.95,
+    *,
+    patients: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> CriticalSafetyNet:
     """One threshold per critical-tier finding of `findings` (the members, in order), from
-    (N, n_members) target probabilities of calibration images and their manifest labels
-    (1 present, 0 absent, None or missing unknown). Only images labelled present count: the
-    threshold bounds the miss rate, which is a property of the positives alone."""
+    (N, n_members) target probabilities of calibration studies and their manifest labels
+    (1 present, 0 absent, None or missing unknown). Only studies labelled present count: the
+    threshold bounds the miss rate, which is a property of the positives alone. With
+    `patients` (one per study), each finding counts one of a patient's positive studies,
+    drawn with `seed`: a patient's studies are not independent cases."""
     probs = np.asarray(target_probability, dtype=np.float64)
     if probs.shape != (len(labels), len(findings)):
         raise ValueError(
             f"target probabilities must be ({len(labels)}, {len(findings)}), got {probs.shape}"
         )
+    if patients is not None and len(patients) != len(labels):
+        raise ValueError(f"patients must name one patient per study ({len(labels)})")
     thresholds = []
     for m, finding in enumerate(findings):
         if finding.tier != RiskTier.CRITICAL:
             continue
         present = np.array([lab.get(finding.name) == 1 for lab in labels], dtype=bool)
+        if patients is not None:
+            present = one_study_per_patient(patients, [1 if p else None for p in present], seed)
         positives = probs[present, m]
         thresholds.append(critical_threshold(finding.name, positives, miss_rate, confidence))
     return CriticalSafetyNet(tuple(thresholds))

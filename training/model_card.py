@@ -122,8 +122,9 @@ def render_model_card(
         f"abnormal, {cal['normal_studies']} normal, {cal['unknown_studies']} of unknown status. "
         f"Scores at {calibration['precision']} precision, the precision the node serves "
         "this bundle at; a study's score is its highest image score. A patient's "
-        f"{_plural(unit)} are not independent cases, so the thresholds and the results below "
-        f"count one {unit} per patient and class, drawn with the split's seed: "
+        f"{_plural(unit)} are not independent cases, so the threshold and the results below "
+        f"count one {unit} per patient and class (the safety net one positive {unit} per "
+        "patient and finding), drawn with the split's seed: "
         f"{cal.get('independent_abnormal_studies', '?')} abnormal, "
         f"{cal.get('independent_normal_studies', '?')} normal.",
         "",
