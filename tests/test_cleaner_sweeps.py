@@ -83,3 +83,19 @@ def test_the_scheduler_sweeps_at_start(tmp_path):
         assert not stale.exists()
     finally:
         scheduler.shutdown()
+
+
+def test_a_full_disk_is_swept_too(tmp_path, small_filesystem):
+    """The disk under the spool fills (the kernel's ENOSPC): the sweeps, which are what frees
+    it, still measure ages and delete what a crash and the rejections left."""
+    fs = small_filesystem.mount(4 << 20)
+    _, _, spool, cleaner = _setup(
+        tmp_path, storage={"spool_dir": str(fs / "spool"), "rejected_retention_days": 10}
+    )
+    stale = _file(spool.root / "tmp" / "crashed.part", 10, 2 * HOUR)
+    expired = _file(spool.root / "rejected" / "expired.dcm", 10, 11 * DAY)
+    small_filesystem.fill(fs)
+    assert cleaner.sweep_temp_files() == 1
+    assert cleaner.sweep_rejected() == 1
+    assert cleaner.sweep_orphan_outputs() == 0
+    assert not stale.exists() and not expired.exists()

@@ -53,3 +53,15 @@ def test_new_directories_and_their_parents_are_fsynced(tmp_path, monkeypatch):
     assert any(p.parent == spool.root / "tmp" for p in synced)
     assert spool.root / "instances" in synced
     assert synced[-1] == study_dir
+
+
+def test_the_spool_clock_falls_back_to_the_hosts_when_no_file_can_be_made(tmp_path, caplog):
+    import time
+
+    spool = Spool(tmp_path / "spool")
+    probe_dir = spool.root / "tmp"
+    os.rmdir(probe_dir)
+    probe_dir.write_bytes(b"")  # no file can be made under it
+    before = time.time()
+    assert before <= spool.now() <= time.time()
+    assert "spool clock not read" in caplog.text

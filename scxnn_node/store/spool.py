@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from scxnn_node.atomic_file import fsync_path
 from scxnn_node.logs import short_hash
+
+log = logging.getLogger(__name__)
 
 AREAS = ("instances", "rejected", "outbox", "tmp")
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -109,17 +113,20 @@ class Spool:
 
     def now(self) -> float:
         """The spool file system's clock (seconds since the epoch): the modification time of a
-        file written just now. Files are dated by it, so their ages are measured on it, not on
+        file created just now. Files are dated by it, so their ages are measured on it, not on
         this host's clock, which may disagree with it on a spool several nodes share."""
         probe = self.root / "tmp" / f"{uuid.uuid4().hex}.clock"
         try:
-            # A write, not an exclusive create: NFS keeps a create's verifier in the times.
+            # Empty, so that a full disk still has room for it (the cleaner, which frees the
+            # disk, asks); not an exclusive create: NFS keeps such a create's verifier in the
+            # times.
             with open(probe, "wb") as fh:
-                fh.write(b"\0")
-                fh.flush()
-                return os.fstat(fh.fileno()).st_mtime
-        finally:
-            probe.unlink(missing_ok=True)
+                mtime = os.fstat(fh.fileno()).st_mtime
+            probe.unlink()
+        except OSError as exc:  # no inode left, read-only: this host's clock, said so
+            log.warning("spool clock not read (%s): using this host's", exc.strerror)
+            return time.time()
+        return mtime
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
